@@ -1,0 +1,413 @@
+"""Typed schema of a MedFed experiment.
+
+Hydra composes the YAML files under ``conf/``; :func:`to_settings` turns the
+composed config into these frozen dataclasses. Every check lives in a
+``__post_init__`` so a bad value fails at start with a :class:`ConfigError`
+naming the key and the allowed values. The same JSON form
+(:func:`settings_to_json` / :func:`settings_from_json`) travels to the
+ServerApp and ClientApps through Flower's run config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+TASKS = ("classification", "segmentation")
+CLASSIFIERS = ("cnn", "densenet121", "resnet18", "resnet34")
+SEGMENTERS = ("unet", "basicunet", "attentionunet", "segresnet")
+DATA_SOURCES = ("synthetic", "medmnist", "folder")
+SPLITS = ("iid", "dirichlet", "natural")
+VOLUME_MODES = ("slices", "patches", "volume")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm",
+              "fedmedian", "fedtrimmedavg", "krum")
+OPTIMIZERS = ("adam", "sgd", "adamw")
+DEVICES = ("auto", "cpu", "cuda")
+PRIVACY_MODES = ("none", "dp_sgd", "client_level")
+ACCOUNTANTS = ("prv", "rdp")
+CLIPPING_SIDES = ("server", "client")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, misspelled or out of range."""
+
+
+def _one_of(key: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{key}={value!r} is not valid; allowed values: {', '.join(map(str, allowed))}"
+        )
+
+
+def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value!r} is not valid; it must be {bound}")
+
+
+def _fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
+    if not (0.0 <= value <= 1.0) or (value == 0.0 and not allow_zero):
+        raise ConfigError(f"{key}={value!r} is not valid; it must lie in [0, 1]")
+
+
+@dataclass
+class TaskConfig:
+    """What is learned.
+
+    Attributes:
+        kind: ``classification`` (one label per image) or ``segmentation``
+            (one label per pixel/voxel).
+        spatial_dims: 2 for images/slices, 3 for volumes or 3D patches.
+        in_channels: image channels (1 for X-ray, CT, single MRI sequence).
+        num_classes: classes, background included for segmentation.
+        image_size: spatial size every sample is resized/cropped to, in
+            pixels (H, W) or voxels (H, W, D).
+    """
+
+    kind: str = "classification"
+    spatial_dims: int = 2
+    in_channels: int = 1
+    num_classes: int = 2
+    image_size: list[int] = field(default_factory=lambda: [28, 28])
+
+    def __post_init__(self) -> None:
+        _one_of("task.kind", self.kind, TASKS)
+        _one_of("task.spatial_dims", self.spatial_dims, (2, 3))
+        _positive("task.in_channels", self.in_channels)
+        if self.num_classes < 2:
+            raise ConfigError(f"task.num_classes={self.num_classes} is not valid; it must be >= 2")
+        if len(self.image_size) != self.spatial_dims or min(self.image_size) < 8:
+            raise ConfigError(
+                f"task.image_size={list(self.image_size)} is not valid; it needs "
+                f"{self.spatial_dims} sizes, each >= 8"
+            )
+
+
+@dataclass
+class ModelConfig:
+    """Which MONAI network, and its width.
+
+    Attributes:
+        name: a classifier (cnn, densenet121, resnet18, resnet34) or a
+            segmenter (unet, basicunet, attentionunet, segresnet).
+        channels: feature channels per resolution level (cnn, unet,
+            attentionunet; the first entry sets basicunet/segresnet width).
+        dropout: dropout probability.
+    """
+
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _one_of("model.name", self.name, CLASSIFIERS + SEGMENTERS)
+        if not self.channels or min(self.channels) < 1:
+            raise ConfigError(f"model.channels={list(self.channels)} must be positive integers")
+        _fraction("model.dropout", self.dropout)
+
+
+@dataclass
+class DataConfig:
+    """Where each hospital's images come from and how they are split.
+
+    Attributes:
+        source: ``synthetic`` (built-in, seeded, no download), ``medmnist``
+            (a MedMNIST ``.npz``) or ``folder`` (a hospital's own files).
+        path: the ``.npz`` file (medmnist), or the data folder (folder).
+            For a natural split, ``path`` holds one sub-folder per hospital.
+        split: how one pooled dataset is divided among hospitals: ``iid``,
+            ``dirichlet`` label skew, or ``natural`` (one folder per hospital).
+        dirichlet_alpha: concentration of the label skew; smaller = more skew.
+        labels_csv: CSV (columns ``image,label``) for folder classification,
+            relative to the folder.
+        volume_mode: how 3D volumes are used: 2D ``slices``, 3D ``patches``,
+            or whole resized ``volume``.
+        slice_axis: axis of a RAS-oriented volume that slices are taken along
+            (2 = axial).
+        min_foreground: for segmentation slices, the least fraction of mask
+            pixels a slice needs to be kept (0 keeps every slice).
+        samples_per_hospital: synthetic images generated per hospital.
+        val_fraction: share of each hospital's samples held out for
+            validation (federated evaluation).
+        test_fraction: share held out as that hospital's test split when the
+            source has none of its own.
+        batch_size: samples per training step.
+        num_workers: DataLoader worker processes.
+        central_test: evaluate the global model on the source's held-out test
+            set on the server each round (if the source has one).
+    """
+
+    source: str = "synthetic"
+    path: str | None = None
+    split: str = "iid"
+    dirichlet_alpha: float = 0.5
+    labels_csv: str = "labels.csv"
+    volume_mode: str = "slices"
+    slice_axis: int = 2
+    min_foreground: float = 0.0
+    samples_per_hospital: int = 256
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    batch_size: int = 32
+    num_workers: int = 0
+    central_test: bool = True
+
+    def __post_init__(self) -> None:
+        _one_of("data.source", self.source, DATA_SOURCES)
+        _one_of("data.split", self.split, SPLITS)
+        _one_of("data.volume_mode", self.volume_mode, VOLUME_MODES)
+        _one_of("data.slice_axis", self.slice_axis, (0, 1, 2))
+        if self.source != "synthetic" and not self.path:
+            raise ConfigError(f"data.path must be set when data.source={self.source!r}")
+        _positive("data.dirichlet_alpha", self.dirichlet_alpha)
+        _positive("data.samples_per_hospital", self.samples_per_hospital)
+        _positive("data.batch_size", self.batch_size)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        _fraction("data.min_foreground", self.min_foreground)
+        _fraction("data.val_fraction", self.val_fraction)
+        _fraction("data.test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("data.val_fraction + data.test_fraction must be < 1")
+
+
+@dataclass
+class TrainConfig:
+    """Local training at each hospital.
+
+    Attributes:
+        optimizer: adam, adamw or sgd.
+        lr: learning rate.
+        weight_decay: L2 penalty.
+        momentum: SGD momentum.
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        amp: mixed precision on CUDA (ignored on CPU).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    device: str = "auto"
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("train.device", self.device, DEVICES)
+        _positive("train.lr", self.lr)
+        _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+
+
+@dataclass
+class StrategyConfig:
+    """The Flower strategy that aggregates the hospitals' weights.
+
+    Attributes:
+        name: fedavg, fedprox, fedadam, fedyogi, fedadagrad, fedavgm,
+            fedmedian, fedtrimmedavg or krum.
+        proximal_mu: FedProx proximal term weight.
+        server_lr: server learning rate (eta) of FedAdam/FedYogi/FedAdagrad,
+            and of FedAvgM.
+        server_momentum: FedAvgM momentum.
+        tau: adaptivity of FedAdam/FedYogi/FedAdagrad.
+        trim_beta: fraction trimmed at each end by FedTrimmedAvg.
+        num_malicious: hospitals Krum assumes may be byzantine.
+    """
+
+    name: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    server_momentum: float = 0.9
+    tau: float = 1e-3
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("strategy.name", self.name, STRATEGIES)
+        _positive("strategy.proximal_mu", self.proximal_mu, allow_zero=True)
+        _positive("strategy.server_lr", self.server_lr)
+        _fraction("strategy.trim_beta", self.trim_beta)
+        if self.trim_beta >= 0.5:
+            raise ConfigError("strategy.trim_beta must be < 0.5")
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy.
+
+    Attributes:
+        mode: ``none``, ``dp_sgd`` (sample-level DP-SGD at each hospital with
+            Opacus) or ``client_level`` (Flower's DP wrappers, one clipped and
+            noised update per hospital).
+        target_epsilon: epsilon each hospital should reach at the end of the
+            planned training; used when ``noise_multiplier`` is null.
+        delta: the delta of the (epsilon, delta) guarantee.
+        noise_multiplier: fixed noise multiplier (std of the noise relative
+            to the clipping norm); null = calibrate to ``target_epsilon``.
+        max_grad_norm: per-sample gradient clipping norm (L2).
+        accountant: ``prv`` (tight) or ``rdp``.
+        clipping_norm: client-level DP: L2 clip of each hospital's update.
+        client_noise_multiplier: client-level DP noise multiplier.
+        clipping_side: client-level DP: clip on the ``server`` or ``client``.
+    """
+
+    mode: str = "none"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    clipping_norm: float = 1.0
+    client_noise_multiplier: float = 0.5
+    clipping_side: str = "server"
+
+    def __post_init__(self) -> None:
+        _one_of("privacy.mode", self.mode, PRIVACY_MODES)
+        _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
+        _one_of("privacy.clipping_side", self.clipping_side, CLIPPING_SIDES)
+        _positive("privacy.target_epsilon", self.target_epsilon)
+        if not (0.0 < self.delta < 1.0):
+            raise ConfigError(f"privacy.delta={self.delta!r} must lie in (0, 1)")
+        if self.noise_multiplier is not None:
+            _positive("privacy.noise_multiplier", self.noise_multiplier)
+        _positive("privacy.max_grad_norm", self.max_grad_norm)
+        _positive("privacy.clipping_norm", self.clipping_norm)
+        _positive("privacy.client_noise_multiplier", self.client_noise_multiplier,
+                  allow_zero=True)
+
+
+@dataclass
+class FederationConfig:
+    """Who takes part and how often.
+
+    Attributes:
+        num_hospitals: hospitals (simulated SuperNodes, or expected nodes).
+        rounds: federated rounds.
+        local_epochs: passes over the local training split per round.
+        fraction_train: share of hospitals sampled for training each round.
+        min_train: the fewest hospitals a training round may use; a round
+            with fewer successful replies fails the run.
+        fraction_evaluate: share of hospitals sampled for evaluation.
+        min_evaluate: the fewest hospitals an evaluation round needs.
+        num_cpus: CPU cores per simulated hospital (Ray resources).
+        num_gpus: GPU share per simulated hospital (fractions allowed).
+    """
+
+    num_hospitals: int = 3
+    rounds: int = 3
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    min_train: int = 2
+    fraction_evaluate: float = 1.0
+    min_evaluate: int = 2
+    num_cpus: int = 1
+    num_gpus: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("federation.num_hospitals", self.num_hospitals)
+        _positive("federation.rounds", self.rounds)
+        _positive("federation.local_epochs", self.local_epochs)
+        _fraction("federation.fraction_train", self.fraction_train, allow_zero=False)
+        _fraction("federation.fraction_evaluate", self.fraction_evaluate)
+        _positive("federation.num_cpus", self.num_cpus)
+        _positive("federation.num_gpus", self.num_gpus, allow_zero=True)
+        for key, value in (("min_train", self.min_train), ("min_evaluate", self.min_evaluate)):
+            if not 1 <= value <= self.num_hospitals:
+                raise ConfigError(
+                    f"federation.{key}={value} is not valid; it must lie in "
+                    f"[1, federation.num_hospitals={self.num_hospitals}]"
+                )
+
+
+@dataclass
+class Settings:
+    """One experiment: everything the server and the hospitals need to agree on.
+
+    Attributes:
+        experiment: a name for the run (shown in logs and the run folder).
+        seed: seed of data generation, splits, sampling and initial weights.
+        run_dir: where the server writes the run folder (absolute path).
+        resume: continue from the checkpoint in ``run_dir`` if there is one.
+    """
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    experiment: str = "default"
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        models = CLASSIFIERS if self.task.kind == "classification" else SEGMENTERS
+        _one_of(f"model.name (for task.kind={self.task.kind})", self.model.name, models)
+        if self.data.split == "natural" and self.data.source != "folder":
+            raise ConfigError("data.split=natural needs data.source=folder (one folder per hospital)")
+        if self.data.source == "medmnist" and self.task.kind != "classification":
+            raise ConfigError("data.source=medmnist supports task.kind=classification only")
+
+
+SECTIONS: dict[str, type] = {
+    "task": TaskConfig,
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "strategy": StrategyConfig,
+    "privacy": PrivacyConfig,
+    "federation": FederationConfig,
+}
+
+
+def settings_from_dict(raw: dict[str, Any]) -> Settings:
+    """Build validated :class:`Settings` from a plain nested dict.
+
+    Raises:
+        ConfigError: an unknown key (a typo) or a bad value, naming the key.
+    """
+    top_keys = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(raw) - top_keys)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(sorted(top_keys))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        section = SECTIONS.get(key)
+        if section is None:
+            kwargs[key] = value
+            continue
+        allowed = {f.name for f in dataclasses.fields(section)}
+        bad = sorted(set(value) - allowed)
+        if bad:
+            raise ConfigError(
+                f"unknown config key '{key}.{bad[0]}'; allowed keys under {key}: "
+                f"{', '.join(sorted(allowed))}"
+            )
+        kwargs[key] = section(**value)
+    return Settings(**kwargs)
+
+
+def settings_to_json(settings: Settings) -> str:
+    """Serialize settings to the JSON string carried in Flower's run config."""
+    return json.dumps(dataclasses.asdict(settings), sort_keys=True)
+
+
+def settings_from_json(text: str) -> Settings:
+    """Inverse of :func:`settings_to_json`.
+
+    Raises:
+        ConfigError: the text is empty (the app was started without MedFed's
+            launcher) or not a valid settings document.
+    """
+    if not text:
+        raise ConfigError(
+            "run config 'medfed-config' is empty: start runs with `python simulate.py` "
+            "or the `server` command, which fill it in"
+        )
+    return settings_from_dict(json.loads(text))
