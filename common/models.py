@@ -1,0 +1,236 @@
+"""The one model builder that the server and every hospital use.
+
+Every network comes from MONAI and is built DP-ready from the start, so that
+Opacus DP-SGD can wrap it and the weights the server sends always match the
+weights a hospital trains:
+
+- no BatchNorm (it mixes samples in a batch): instance or group norm is
+  chosen at construction, and Opacus' ``ModuleValidator.fix`` replaces any
+  BatchNorm left inside MONAI blocks by GroupNorm;
+- no in-place activations or in-place residual additions (they break the
+  per-sample gradient hooks of Opacus).
+
+A network that still fails Opacus' validation raises :class:`ModelError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from monai.networks.nets import (
+    AttentionUnet,
+    BasicUNet,
+    Classifier,
+    DenseNet121,
+    ResNet,
+    SegResNet,
+    UNet,
+)
+from monai.networks.nets.resnet import ResNetBlock
+from opacus.validators import ModuleValidator
+from torch import nn
+
+from common.config import ModelConfig, TaskConfig
+
+Builder = Callable[[TaskConfig, ModelConfig], nn.Module]
+
+
+class ModelError(ValueError):
+    """A configured network cannot be built or cannot be made DP-compatible."""
+
+
+def _group_norm(channels: int) -> tuple[str, dict[str, int]]:
+    """A GroupNorm factory tuple with as many groups (<= 8) as divide ``channels``."""
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return ("group", {"num_groups": groups})
+
+
+class _AddResNetBlock(ResNetBlock):
+    """MONAI's basic ResNet block with group norm and an out-of-place residual add."""
+
+    def __init__(self, in_planes: int, planes: int, spatial_dims: int = 3, stride: int = 1,
+                 downsample: nn.Module | None = None, **_: object) -> None:
+        super().__init__(in_planes, planes, spatial_dims, stride, downsample,
+                         act=("relu", {"inplace": False}), norm=_group_norm(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x: ``[B, C, *spatial]``. Returns ``[B, planes, *spatial / stride]``."""
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.act(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.act(out + residual)
+
+
+def _cnn(task: TaskConfig, model: ModelConfig) -> nn.Module:
+    channels = tuple(model.channels)
+    return Classifier(
+        in_shape=(task.in_channels, *task.image_size),
+        classes=task.num_classes,
+        channels=channels,
+        strides=(2,) * len(channels),
+        num_res_units=1,
+        norm=("instance", {"affine": True}),
+        dropout=model.dropout or None,
+    )
+
+
+def _densenet121(task: TaskConfig, model: ModelConfig) -> nn.Module:
+    return DenseNet121(
+        spatial_dims=task.spatial_dims,
+        in_channels=task.in_channels,
+        out_channels=task.num_classes,
+        norm=("group", {"num_groups": 8}),
+        act=("relu", {"inplace": False}),
+        dropout_prob=model.dropout,
+    )
+
+
+def _resnet(layers: list[int]) -> Builder:
+    def build(task: TaskConfig, model: ModelConfig) -> nn.Module:
+        width = model.channels[0]
+        return ResNet(
+            block=_AddResNetBlock,
+            layers=layers,
+            block_inplanes=[width, 2 * width, 4 * width, 8 * width],
+            spatial_dims=task.spatial_dims,
+            n_input_channels=task.in_channels,
+            conv1_t_size=3,
+            conv1_t_stride=1,
+            no_max_pool=min(task.image_size) < 64,
+            num_classes=task.num_classes,
+            act=("relu", {"inplace": False}),
+            norm=_group_norm(width),
+        )
+
+    return build
+
+
+def _unet(task: TaskConfig, model: ModelConfig) -> nn.Module:
+    return UNet(
+        spatial_dims=task.spatial_dims,
+        in_channels=task.in_channels,
+        out_channels=task.num_classes,
+        channels=tuple(model.channels),
+        strides=(2,) * (len(model.channels) - 1),
+        num_res_units=2,
+        norm=("instance", {"affine": True}),
+        dropout=model.dropout,
+    )
+
+
+def _basicunet(task: TaskConfig, model: ModelConfig) -> nn.Module:
+    f = model.channels[0]
+    return BasicUNet(
+        spatial_dims=task.spatial_dims,
+        in_channels=task.in_channels,
+        out_channels=task.num_classes,
+        features=(f, f, 2 * f, 4 * f, 8 * f, f),
+        act=("LeakyReLU", {"negative_slope": 0.1, "inplace": False}),
+        norm=("instance", {"affine": True}),
+        dropout=model.dropout,
+    )
+
+
+def _attentionunet(task: TaskConfig, model: ModelConfig) -> nn.Module:
+    return AttentionUnet(
+        spatial_dims=task.spatial_dims,
+        in_channels=task.in_channels,
+        out_channels=task.num_classes,
+        channels=tuple(model.channels),
+        strides=(2,) * (len(model.channels) - 1),
+        dropout=model.dropout,
+    )
+
+
+def _segresnet(task: TaskConfig, model: ModelConfig) -> nn.Module:
+    return SegResNet(
+        spatial_dims=task.spatial_dims,
+        init_filters=model.channels[0],
+        in_channels=task.in_channels,
+        out_channels=task.num_classes,
+        norm=("group", {"num_groups": min(8, model.channels[0])}),
+        dropout_prob=model.dropout or None,
+    )
+
+
+BUILDERS: dict[str, Builder] = {
+    "cnn": _cnn,
+    "densenet121": _densenet121,
+    "resnet18": _resnet([2, 2, 2, 2]),
+    "resnet34": _resnet([3, 4, 6, 3]),
+    "unet": _unet,
+    "basicunet": _basicunet,
+    "attentionunet": _attentionunet,
+    "segresnet": _segresnet,
+}
+
+
+class _OutOfPlaceResidual(nn.Module):
+    """Wraps a SegResNet residual block so its ``x += identity`` becomes ``x + identity``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        out = b.conv1(b.act(b.norm1(x)))
+        out = b.conv2(b.act(b.norm2(out)))
+        return out + x
+
+
+def make_dp_compatible(net: nn.Module) -> nn.Module:
+    """Turn ``net`` into a network Opacus can wrap, in place where possible.
+
+    Replaces BatchNorm by GroupNorm (``ModuleValidator.fix``), switches every
+    activation to out-of-place, and re-validates.
+
+    Raises:
+        ModelError: Opacus still reports incompatible layers, listing them.
+    """
+    from monai.networks.blocks.segresnet_block import ResBlock
+
+    for name, child in list(net.named_children()):
+        if isinstance(child, ResBlock):
+            setattr(net, name, _OutOfPlaceResidual(child))
+        else:
+            make_dp_compatible(child)
+    net = ModuleValidator.fix(net)
+    for module in net.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False  # type: ignore[assignment]
+    errors = ModuleValidator.validate(net, strict=False)
+    if errors:
+        raise ModelError(
+            f"{type(net).__name__} cannot be made DP-compatible: "
+            + "; ".join(str(e) for e in errors)
+        )
+    return net
+
+
+def build_model(task: TaskConfig, model: ModelConfig, *, seed: int | None = None) -> nn.Module:
+    """Build the configured MONAI network, DP-ready, on the CPU.
+
+    Args:
+        task: input channels, classes, ``spatial_dims`` and image size.
+        model: network name and width.
+        seed: when given, initial weights are drawn from this seed so that
+            every process builds the same starting model.
+
+    Returns:
+        A module mapping ``[B, in_channels, *image_size]`` to logits
+        ``[B, num_classes]`` (classifiers) or ``[B, num_classes, *image_size]``
+        (segmenters).
+
+    Raises:
+        ModelError: unknown name, or a network that cannot be made DP-ready.
+    """
+    builder = BUILDERS.get(model.name)
+    if builder is None:
+        raise ModelError(f"model.name={model.name!r} is unknown; allowed: {', '.join(BUILDERS)}")
+    with torch.random.fork_rng(enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        net = builder(task, model)
+        return make_dp_compatible(net)
