@@ -326,7 +326,7 @@ class Settings:
     """One experiment: everything the server and the hospitals need to agree on.
 
     Attributes:
-        experiment: a name for the run (shown in logs and the run folder).
+        name: the experiment's name (shown in logs and the run folder).
         seed: seed of data generation, splits, sampling and initial weights.
         run_dir: where the server writes the run folder (absolute path).
         resume: continue from the checkpoint in ``run_dir`` if there is one.
@@ -339,7 +339,7 @@ class Settings:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    experiment: str = "default"
+    name: str = "default"
     seed: int = 0
     run_dir: str = "runs/default"
     resume: bool = False
@@ -348,7 +348,8 @@ class Settings:
         models = CLASSIFIERS if self.task.kind == "classification" else SEGMENTERS
         _one_of(f"model.name (for task.kind={self.task.kind})", self.model.name, models)
         if self.data.split == "natural" and self.data.source != "folder":
-            raise ConfigError("data.split=natural needs data.source=folder (one folder per hospital)")
+            raise ConfigError(
+                "data.split=natural needs data.source=folder (one folder per hospital)")
         if self.data.source == "medmnist" and self.task.kind != "classification":
             raise ConfigError("data.source=medmnist supports task.kind=classification only")
 

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,18 @@ QUIET_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "PYTHONUNBUFFERED": "1",
 }
+
+
+def tool_env() -> dict[str, str]:
+    """This environment, quiet, with this Python's scripts first on ``PATH``.
+
+    Flower's SuperLink starts ``flower-superexec`` and friends by name, so the
+    virtual environment's ``bin`` must be on ``PATH`` even when it is not
+    activated.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.environ.get("PATH", "")
+    return {**os.environ, **QUIET_ENV, "PATH": f"{bin_dir}{os.pathsep}{path}"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -78,7 +91,7 @@ class ManagedProcess:
         """Start the process in a new session (so Ctrl-C reaches only us)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        env = {**os.environ, **QUIET_ENV, **(self.env or {})}
+        env = {**tool_env(), **(self.env or {})}
         self._popen = subprocess.Popen(
             list(self.argv), stdout=self._log, stderr=subprocess.STDOUT, env=env,
             cwd=self.cwd, start_new_session=True,

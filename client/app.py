@@ -1,0 +1,54 @@
+"""The ClientApp each hospital runs: Message in, Message out.
+
+Each handler reads the experiment settings and the hospital's own settings
+once at the top, calls a plain function of :mod:`client.local`, and packs
+the reply. Only model weights and scalar metrics leave the hospital.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.hospital import hospital_from_node_config
+from client.local import evaluate_round, train_round
+from common import wire
+from common.config import settings_from_json
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this hospital's images."""
+    # Settings: the experiment (run config) and this hospital (node config)
+    settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
+    hospital = hospital_from_node_config(context.node_config)
+    config = msg.content[wire.CONFIG]
+
+    # Train locally on the global weights
+    result = train_round(
+        settings,
+        hospital,
+        msg.content[wire.ARRAYS].to_torch_state_dict(),
+        server_round=int(config[wire.SERVER_ROUND]),
+        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+    )
+
+    # Reply with the weights and scalar metrics only
+    content = RecordDict({
+        wire.ARRAYS: ArrayRecord(result.weights),
+        wire.METRICS: MetricRecord(result.metrics),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received global model on this hospital's held-out images."""
+    settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
+    hospital = hospital_from_node_config(context.node_config)
+
+    metrics = evaluate_round(settings, hospital, msg.content[wire.ARRAYS].to_torch_state_dict())
+
+    return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)

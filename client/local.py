@@ -1,0 +1,129 @@
+"""One hospital's side of a round, as plain functions (no Flower types).
+
+The ClientApp handlers unpack a message, call these, and pack the reply.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from common.data import SiteData, load_site
+from torch.utils.data import DataLoader, Dataset
+
+from client.hospital import Hospital
+from common import wire
+from common.config import Settings
+from common.evaluation import evaluate
+from common.models import build_model
+from common.training import make_optimizer, resolve_device, train_epochs
+
+StateDict = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class RoundResult:
+    """A hospital's training result for one round.
+
+    Attributes:
+        weights: the locally trained state dict (CPU tensors).
+        metrics: scalars for the reply (``num-examples``, ``train-loss``, ...).
+        privacy_state: DP accountant history to keep in the node's state.
+    """
+
+    weights: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    privacy_state: dict[str, Any] = field(default_factory=dict)
+
+
+def site_data(settings: Settings, hospital: Hospital) -> SiteData:
+    """Load this hospital's train/val/test splits."""
+    return load_site(settings, hospital.index, data_path=hospital.data_path)
+
+
+def _device(settings: Settings, hospital: Hospital) -> torch.device:
+    return resolve_device(hospital.device or settings.train.device)
+
+
+def _loader(dataset: Dataset, settings: Settings, *, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=settings.data.batch_size, shuffle=shuffle,
+                      num_workers=settings.data.num_workers, generator=generator)
+
+
+def load_global(settings: Settings, weights: StateDict, device: torch.device) -> torch.nn.Module:
+    """Build the experiment's model and load the global weights into it.
+
+    Raises:
+        ValueError: the weights do not fit the configured model (names the keys).
+    """
+    model = build_model(settings.task, settings.model)
+    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"global weights do not match model.name={settings.model.name}: "
+            f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
+    return model.to(device)
+
+
+def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
+                server_round: int, proximal_mu: float = 0.0,
+                privacy_state: dict[str, Any] | None = None) -> RoundResult:
+    """Train the global model on this hospital's training split.
+
+    Args:
+        settings: the experiment.
+        hospital: this hospital's identity and own settings.
+        weights: global weights received from the server.
+        server_round: 1-based round number (seeds the local shuffling).
+        proximal_mu: FedProx weight sent by the server (0 = plain local SGD).
+        privacy_state: what earlier rounds of this run stored (DP history).
+
+    Returns:
+        The trained weights and the reply metrics; ``num-examples`` counts
+        samples.
+    """
+    device = _device(settings, hospital)
+    model = load_global(settings, weights, device)
+    optimizer = make_optimizer(model, settings.train)
+    seed = settings.seed * 100_003 + hospital.index * 1_009 + server_round
+    loader = _loader(site_data(settings, hospital).train, settings, shuffle=True, seed=seed)
+    started = time.perf_counter()
+    result = train_epochs(model, loader, optimizer, task=settings.task,
+                          epochs=settings.federation.local_epochs, device=device,
+                          amp=settings.train.amp, proximal_mu=proximal_mu)
+    metrics = {
+        wire.NUM_EXAMPLES: float(result.num_examples),
+        wire.TRAIN_LOSS: result.loss,
+        wire.TRAIN_STEPS: float(result.steps),
+        wire.TRAIN_SECONDS: time.perf_counter() - started,
+        wire.HOSPITAL: float(hospital.index),
+    }
+    weights_out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return RoundResult(weights=weights_out, metrics=metrics, privacy_state=privacy_state or {})
+
+
+def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict) -> dict[str, float]:
+    """Score the global model on this hospital's held-out test split.
+
+    The test split never takes part in training; when a hospital has none,
+    its validation split is used.
+
+    Returns:
+        Metric name to value (see :mod:`common.evaluation`), with
+        ``num-examples`` and ``hospital``.
+    """
+    device = _device(settings, hospital)
+    model = load_global(settings, weights, device)
+    data = site_data(settings, hospital)
+    split = data.test if len(data.test) > 0 else data.val  # type: ignore[arg-type]
+    metrics = evaluate(model, _loader(split, settings, shuffle=False, seed=0),
+                       task=settings.task, device=device)
+    metrics[wire.HOSPITAL] = float(hospital.index)
+    # An undefined figure (AUC on one class, HD95 with empty masks) is left out
+    return {k: v for k, v in metrics.items() if math.isfinite(v)}

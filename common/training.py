@@ -1,0 +1,130 @@
+"""Local training: plain functions the ClientApp, the baseline and tests call.
+
+Nothing here knows about Flower or about DP: the caller hands in the model,
+optimizer and loader (Opacus' versions when DP-SGD is on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+
+from common.config import TaskConfig, TrainConfig
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one call of :func:`train_epochs` did.
+
+    Attributes:
+        loss: mean training loss per sample over all steps.
+        num_examples: samples processed (the FedAvg weight), not batches.
+        steps: optimizer steps taken.
+    """
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+def resolve_device(name: str) -> torch.device:
+    """Map ``auto``/``cpu``/``cuda`` to a device; ``auto`` picks CUDA when present.
+
+    Raises:
+        ValueError: ``cuda`` asked for on a machine without a CUDA device.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but no CUDA device is visible; use device=auto or cpu")
+    return torch.device(name)
+
+
+def make_loss(task: TaskConfig) -> Loss:
+    """Cross-entropy for classification; Dice + cross-entropy for segmentation.
+
+    The returned function takes logits ``[B, K]`` / ``[B, K, *spatial]`` and
+    targets ``[B]`` / ``[B, 1, *spatial]`` (class indices) and returns a
+    scalar mean loss.
+    """
+    if task.kind == "classification":
+        return nn.CrossEntropyLoss()
+    return DiceCELoss(to_onehot_y=True, softmax=True)
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
+                               weight_decay=train.weight_decay)
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+
+
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    """FedProx penalty ``sum ||w - w_global||^2`` over trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))  # type: ignore[return-value]
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    *,
+    task: TaskConfig,
+    epochs: int,
+    device: torch.device,
+    amp: bool = False,
+    proximal_mu: float = 0.0,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over ``loader``.
+
+    Args:
+        model: network on ``device``.
+        loader: yields ``(images [B, C, *spatial], targets)``; empty batches
+            (Opacus' Poisson sampling can draw none) are skipped but the
+            optimizer still steps, so DP noise is added as accounted.
+        optimizer: optimizer over ``model``'s parameters (DPOptimizer too).
+        task: decides the loss.
+        epochs: passes over the loader.
+        device: where to compute.
+        amp: bfloat16/float16 autocast on CUDA.
+        proximal_mu: FedProx weight; 0 disables the proximal term.
+
+    Returns:
+        Mean per-sample loss, samples seen and steps taken.
+    """
+    criterion = make_loss(task)
+    anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    use_amp = amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    model.train()
+    total_loss, seen, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for images, targets in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if images.shape[0] == 0:
+                optimizer.step()  # DP-SGD: a noise-only step keeps the accounting exact
+                steps += 1
+                continue
+            images, targets = images.to(device), targets.to(device)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss = criterion(model(images), targets)
+                if proximal_mu > 0:
+                    loss = loss + proximal_mu / 2 * proximal_term(model, anchor)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += float(loss.detach()) * images.shape[0]
+            seen += images.shape[0]
+            steps += 1
+    return TrainResult(loss=total_loss / max(seen, 1), num_examples=seen, steps=steps)

@@ -1,0 +1,184 @@
+"""Flower strategies, by name, with MedFed's checks around their hooks.
+
+The round loop is Flower's own (``Strategy.start``). MedFed adds, through the
+``configure_*`` / ``aggregate_*`` hooks only:
+
+- every reply is checked (:mod:`server.replies`) and a bad one is dropped
+  and logged, never averaged in;
+- a round in which fewer than the configured minimum of hospitals answered
+  soundly fails the run with a clear message (Flower alone would go on);
+- per-hospital metrics go to the run folder;
+- a round offset, so a resumed run keeps counting rounds where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
+
+from common import wire
+from common.config import Settings
+from server.replies import ArraySpec, array_spec, evaluate_reply_problem, train_reply_problem
+from server.report import RunRecorder
+
+
+class RoundFailedError(RuntimeError):
+    """Too few hospitals answered a round soundly to go on."""
+
+
+def weighted_mean(replies: list[RecordDict], weighting_key: str) -> MetricRecord:
+    """Average every metric over replies, weighted by ``weighting_key``.
+
+    A metric missing (undefined) at some hospitals is averaged over those
+    that have it; ``num-examples`` is summed; identity keys are left out.
+    """
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    count = 0.0
+    for content in replies:
+        metrics = content[wire.METRICS]
+        weight = float(metrics[weighting_key])
+        count += weight
+        for key, value in metrics.items():
+            if key in wire.IDENTITY_KEYS or key == weighting_key or isinstance(value, list):
+                continue
+            if math.isfinite(float(value)):
+                totals[key] = totals.get(key, 0.0) + weight * float(value)
+                weights[key] = weights.get(key, 0.0) + weight
+    out = {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
+    out[weighting_key] = count
+    return MetricRecord(out)
+
+
+class CheckedRounds:
+    """Mixin placed before a Flower strategy class; see the module docstring."""
+
+    recorder: RunRecorder
+    round_offset: int = 0
+    min_train: int = 1
+    min_evaluate: int = 1
+    _expected: ArraySpec
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send the round with its true number; remember the shapes sent."""
+        self._expected = array_spec(arrays)
+        return super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Send the evaluation with its true round number."""
+        return super().configure_evaluate(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid)
+
+    def _sound(self, round_: int, phase: str, replies: Iterable[Message]) -> list[Message]:
+        sound = []
+        for msg in replies:
+            node = f"node {msg.metadata.src_node_id}"
+            if msg.has_error():
+                self.recorder.failure(round_, phase, node, msg.error.reason)
+                continue
+            problem = (train_reply_problem(msg, self._expected) if phase == "train"
+                       else evaluate_reply_problem(msg))
+            if problem:
+                self.recorder.failure(round_, phase, node, f"reply dropped: {problem}")
+                continue
+            sound.append(msg)
+        return sound
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the sound training replies; fail if too few."""
+        round_ = server_round + self.round_offset
+        sound = self._sound(round_, "train", list(replies))
+        if len(sound) < self.min_train:
+            raise RoundFailedError(
+                f"round {round_}: only {len(sound)} hospital(s) trained successfully, fewer "
+                f"than federation.min_train={self.min_train}; see the warnings above"
+            )
+        arrays, metrics = super().aggregate_train(server_round, sound)  # type: ignore[misc]
+        self.recorder.record(round_, "train", [dict(m.content[wire.METRICS]) for m in sound],
+                             dict(metrics or {}))
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Aggregate the sound evaluation replies and record them per hospital."""
+        round_ = server_round + self.round_offset
+        sound = self._sound(round_, "evaluate", list(replies))
+        if len(sound) < self.min_evaluate:
+            self.recorder.failure(round_, "evaluate", "overall",
+                                  f"only {len(sound)} hospital(s) evaluated")
+        if not sound:
+            return None
+        metrics = super().aggregate_evaluate(server_round, sound)  # type: ignore[misc]
+        self.recorder.record(round_, "evaluate", [dict(m.content[wire.METRICS]) for m in sound],
+                             dict(metrics or {}))
+        return metrics
+
+
+STRATEGIES: dict[str, type] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedavgm": FedAvgM,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+
+def _specific_kwargs(settings: Settings) -> dict[str, Any]:
+    s = settings.strategy
+    if s.name == "fedprox":
+        return {"proximal_mu": s.proximal_mu}
+    if s.name in ("fedadam", "fedyogi", "fedadagrad"):
+        return {"eta": s.server_lr, "eta_l": settings.train.lr, "tau": s.tau}
+    if s.name == "fedavgm":
+        return {"server_learning_rate": s.server_lr, "server_momentum": s.server_momentum}
+    if s.name == "fedtrimmedavg":
+        return {"beta": s.trim_beta}
+    if s.name == "krum":
+        return {"num_malicious_nodes": s.num_malicious}
+    return {}
+
+
+def build_strategy(settings: Settings, recorder: RunRecorder, *, round_offset: int = 0) -> Any:
+    """The configured Flower strategy, wrapped with :class:`CheckedRounds`."""
+    base = STRATEGIES[settings.strategy.name]
+    cls = type(f"Checked{base.__name__}", (CheckedRounds, base), {})
+    fed = settings.federation
+    strategy = cls(
+        fraction_train=fed.fraction_train,
+        fraction_evaluate=fed.fraction_evaluate,
+        min_train_nodes=fed.min_train,
+        min_evaluate_nodes=fed.min_evaluate if fed.fraction_evaluate > 0 else 0,
+        min_available_nodes=fed.min_train,
+        weighted_by_key=wire.NUM_EXAMPLES,
+        train_metrics_aggr_fn=weighted_mean,
+        evaluate_metrics_aggr_fn=weighted_mean,
+        **_specific_kwargs(settings),
+    )
+    strategy.recorder = recorder
+    strategy.round_offset = round_offset
+    strategy.min_train = fed.min_train
+    strategy.min_evaluate = fed.min_evaluate if fed.fraction_evaluate > 0 else 0
+    return strategy
