@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 
-from common.compose import CONF_DIR, compose_settings, settings_yaml
+from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.logs import medfed_logger
 from common.processes import ManagedProcess, free_port, running, wait_for_port
@@ -28,17 +27,6 @@ from server.summary_table import print_summary
 
 PROJECT_DIR = Path(__file__).resolve().parent
 log = medfed_logger()
-
-
-def finalize(settings: Settings, *, base: Path) -> Settings:
-    """Make paths absolute (the apps run in other folders) and pick the run folder."""
-    if not settings.run_dir:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        settings.run_dir = str(base / "runs" / f"{settings.name}-{stamp}")
-    settings.run_dir = str((base / settings.run_dir).resolve())
-    if settings.data.path:
-        settings.data.path = str((base / settings.data.path).resolve())
-    return settings
 
 
 def simulation_superlink(run_dir: Path, port: int) -> ManagedProcess:

@@ -9,6 +9,7 @@ line naming the key and what is allowed.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,3 +95,45 @@ def compose_settings(overrides: Sequence[str] = (), *, conf_dir: Path = CONF_DIR
 def settings_yaml(settings: Settings) -> str:
     """The resolved settings as YAML (written into every run folder)."""
     return OmegaConf.to_yaml(OmegaConf.structured(settings))
+
+
+def load_run_settings(config_yaml: Path, overrides: Sequence[str] = ()) -> Settings:
+    """Settings saved in a run folder's ``config.yaml``, with dotted overrides.
+
+    Args:
+        config_yaml: the resolved config a run wrote.
+        overrides: ``key=value`` pairs, e.g. ``data.path=/data/test.npz``.
+
+    Raises:
+        ConfigError: missing file, unknown key or bad value (one line).
+    """
+    if not config_yaml.is_file():
+        raise ConfigError(f"{config_yaml} not found: pass a run folder written by MedFed")
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(Settings), OmegaConf.load(config_yaml),
+                              OmegaConf.from_dotlist(list(overrides)))
+        cfg_obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except (OmegaConfBaseException, ValueError) as err:
+        if isinstance(err.__cause__, ConfigError):
+            raise err.__cause__ from None
+        raise ConfigError(_one_line(err, CONF_DIR)) from None
+    assert isinstance(cfg_obj, Settings)
+    return cfg_obj
+
+
+def finalize(settings: Settings, *, base: Path, suffix: str = "") -> Settings:
+    """Make paths absolute and pick the run folder, in place.
+
+    The apps run in other working directories (Flower installs them under
+    ``FLWR_HOME``), so ``data.path`` and ``run_dir`` become absolute, relative
+    to ``base``. An empty ``run_dir`` becomes ``runs/<name><suffix>-<time>``.
+    """
+    if not settings.run_dir:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        settings.run_dir = str(Path("runs") / f"{settings.name}{suffix}-{stamp}")
+    settings.run_dir = str((base / settings.run_dir).resolve())
+    if settings.data.path:
+        settings.data.path = str((base / settings.data.path).resolve())
+    return settings
