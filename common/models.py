@@ -234,3 +234,33 @@ def build_model(task: TaskConfig, model: ModelConfig, *, seed: int | None = None
             torch.manual_seed(seed)
         net = builder(task, model)
         return make_dp_compatible(net)
+
+
+def check_dp_trainable(net: nn.Module, input_shape: tuple[int, ...]) -> None:
+    """Dry-run one DP-SGD backward pass on two random samples.
+
+    Catches what static validation cannot see, such as an in-place residual
+    addition inside a block (``out += residual``), before any hospital trains.
+
+    Args:
+        net: a network built by :func:`build_model` (or any module).
+        input_shape: one sample's shape ``(C, *spatial)``.
+
+    Raises:
+        ModelError: Opacus cannot compute per-sample gradients, with the reason.
+    """
+    from opacus import GradSampleModule
+
+    probe = GradSampleModule(net, batch_first=True, loss_reduction="mean")
+    try:
+        probe(torch.randn(2, *input_shape)).float().sum().backward()
+    except RuntimeError as err:
+        raise ModelError(
+            f"{type(net).__name__} cannot be trained with DP-SGD: {str(err).splitlines()[0]}"
+        ) from err
+    finally:
+        probe._close()
+        net.zero_grad(set_to_none=True)
+        for param in net.parameters():
+            if hasattr(param, "grad_sample"):
+                del param.grad_sample

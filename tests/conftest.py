@@ -1,0 +1,42 @@
+"""Shared fixtures: real data locations, Flower task identity, small settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flwr.supercore.task_identity import TaskIdentity
+
+from common.compose import compose_settings, finalize
+from common.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+PNEUMONIA = SHARED / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
+BRAIN = SHARED / "data" / "brain-mri"
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+
+@pytest.fixture
+def flower_identity() -> Iterator[None]:
+    """Set the task identity Flower's runtime sets before it runs an app."""
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 7, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def small_settings(tmp_path: Path, *overrides: str) -> Settings:
+    """Default (synthetic) settings, shrunk for tests, with the run folder in tmp_path."""
+    base = ["data.samples_per_hospital=64", "federation.rounds=2", f"run_dir={tmp_path / 'run'}"]
+    return finalize(compose_settings([*base, *overrides]), base=ROOT)
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    """Skip a test when ../shared/data is not beside the checkout."""
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (../shared missing)")
