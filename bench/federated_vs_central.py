@@ -1,0 +1,94 @@
+"""Federated vs centralized, measured side by side in one run.
+
+    .venv/bin/python bench/federated_vs_central.py                 # pneumonia and brain_mri
+    .venv/bin/python bench/federated_vs_central.py pneumonia -- federation.rounds=3
+
+For each experiment, runs the federated simulation (``python simulate.py``)
+and the centralized baseline (``python -m server.baseline``) with the same
+model, optimizer and epoch budget (rounds x local epochs), each as a fresh
+process timed from start to exit, and prints:
+
+- wall time federated / centralized, and the federated time split into
+  start-up (SuperLink + Ray until the first round starts), rounds, and the
+  share of the rounds spent in local training;
+- federated metric / centralized metric on the same test sets (test AUC on
+  the central test split for pneumonia, mean Dice over the hospitals' test
+  slices for brain_mri).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADLINE = {"pneumonia": ("central", "auc"), "brain_mri": ("overall", "dice")}
+
+
+def timed(argv: list[str]) -> float:
+    """Run a command to completion; return its wall time in seconds."""
+    started = time.perf_counter()
+    subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - started
+
+
+def train_seconds(run_dir: Path) -> float:
+    """Seconds of local training summed over rounds (the slowest hospital per round)."""
+    per_round: dict[int, float] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row["phase"] == "train" and row["hospital"] != "overall" and "train-seconds" in row:
+            per_round[row["round"]] = max(per_round.get(row["round"], 0.0), row["train-seconds"])
+    return sum(per_round.values())
+
+
+def compare(experiment: str, overrides: list[str], workdir: Path) -> dict[str, float]:
+    """Run both sides of one experiment and return the figures."""
+    fed_dir, central_dir = workdir / f"{experiment}-fed", workdir / f"{experiment}-central"
+    common = [f"experiment={experiment}", *overrides]
+    fed_wall = timed([sys.executable, "simulate.py", *common, f"run_dir={fed_dir}"])
+    central_wall = timed([sys.executable, "-m", "server.baseline", *common,
+                          f"run_dir={central_dir}"])
+    fed = json.loads((fed_dir / "summary.json").read_text())
+    central = json.loads((central_dir / "summary.json").read_text())
+    section, metric = HEADLINE[experiment]
+    return {
+        "fed_wall_s": fed_wall,
+        "central_wall_s": central_wall,
+        "fed_rounds_s": float(fed["wall_time_s"]),
+        "fed_train_s": train_seconds(fed_dir),
+        "central_train_s": float(central["train_time_s"]),
+        "fed_metric": float(fed[section][metric]),
+        "central_metric": float(central[section][metric]),
+        "metric": f"{section} {metric}",  # type: ignore[dict-item]
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Command line: experiment names, then ``--`` and shared overrides."""
+    split = argv.index("--") if "--" in argv else len(argv)
+    experiments = argv[:split] or list(HEADLINE)
+    overrides = argv[split + 1:]
+    with tempfile.TemporaryDirectory(prefix="medfed-bench-") as tmp:
+        for experiment in experiments:
+            r = compare(experiment, overrides, Path(tmp))
+            print(f"\n== {experiment} ({' '.join(overrides) or 'preset'}) ==")
+            ratio = r["fed_wall_s"] / r["central_wall_s"]
+            print(f"wall time      federated {r['fed_wall_s']:7.1f} s | centralized "
+                  f"{r['central_wall_s']:7.1f} s | ratio {ratio:.2f}")
+            startup = r["fed_wall_s"] - r["fed_rounds_s"]
+            print(f"  federated = start-up/teardown {startup:.1f} s + rounds "
+                  f"{r['fed_rounds_s']:.1f} s (local training {r['fed_train_s']:.1f} s on the "
+                  "slowest hospital per round)")
+            print(f"  centralized training {r['central_train_s']:.1f} s")
+            print(f"{r['metric']:<14} federated {r['fed_metric']:.4f} | centralized "
+                  f"{r['central_metric']:.4f} | ratio {r['fed_metric'] / r['central_metric']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
