@@ -10,12 +10,13 @@ from __future__ import annotations
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.clipping import client_level_clipping_mod
 from client.hospital import hospital_from_node_config
 from client.local import evaluate_round, train_round
 from common import wire
 from common.config import settings_from_json
 
-app = ClientApp()
+app = ClientApp(mods=[client_level_clipping_mod])
 
 
 @app.train()

@@ -103,6 +103,7 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
         wire.TRAIN_STEPS: float(result.steps),
         wire.TRAIN_SECONDS: time.perf_counter() - started,
         wire.HOSPITAL: float(hospital.index),
+        wire.UNIT_WEIGHT: 1.0,
     }
     weights_out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return RoundResult(weights=weights_out, metrics=metrics, privacy_state=privacy_state or {})

@@ -350,6 +350,14 @@ class Settings:
         if self.data.split == "natural" and self.data.source != "folder":
             raise ConfigError(
                 "data.split=natural needs data.source=folder (one folder per hospital)")
+        if self.privacy.mode == "dp_sgd" and self.strategy.name == "fedprox":
+            raise ConfigError(
+                "strategy.name=fedprox cannot be combined with privacy.mode=dp_sgd: DP-SGD "
+                "clips per-sample gradients only, so the proximal term would be ignored")
+        if self.privacy.mode == "client_level" and self.strategy.name not in ("fedavg", "fedprox"):
+            raise ConfigError(
+                f"privacy.mode=client_level needs strategy.name fedavg or fedprox (an average "
+                f"of clipped updates), not {self.strategy.name!r}")
         if self.data.source == "medmnist" and self.task.kind != "classification":
             raise ConfigError("data.source=medmnist supports task.kind=classification only")
 

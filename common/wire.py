@@ -21,6 +21,8 @@ PROXIMAL_MU = "proximal-mu"
 
 NUM_EXAMPLES = "num-examples"
 """Samples (not batches) a reply is based on: FedAvg's weighting key."""
+UNIT_WEIGHT = "unit-weight"
+"""Always 1: the weighting key of client-level DP, which needs a plain mean."""
 HOSPITAL = "hospital"
 """0-based index of the hospital that sent a reply."""
 TRAIN_LOSS = "train-loss"
@@ -35,7 +37,7 @@ NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 DP_STEPS = "dp-steps"
 
-IDENTITY_KEYS = (HOSPITAL,)
+IDENTITY_KEYS = (HOSPITAL, UNIT_WEIGHT)
 """Metric keys that identify a reply and are never averaged."""
 
 # Node-config keys a hospital sets for itself (deployment) or that Flower's

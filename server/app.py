@@ -29,6 +29,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
+from server.client_dp import client_level_epsilon, wrap_client_level
 from server.report import RunRecorder
 from server.strategy import build_strategy
 
@@ -64,9 +65,11 @@ def run(grid: Grid, settings: Settings) -> dict:
     if checkpoint is not None:
         done, weights = checkpoint.round, checkpoint.weights
         log.info("[MedFed] resuming after round %d of %d from %s", done, rounds, run_dir)
-    strategy = build_strategy(settings, recorder, round_offset=done)
+    inner = build_strategy(settings, recorder, round_offset=done)
     if checkpoint is not None:
-        restore_strategy_state(strategy, checkpoint.strategy_state)
+        restore_strategy_state(inner, checkpoint.strategy_state)
+    client_level = settings.privacy.mode == "client_level"
+    strategy = wrap_client_level(inner, settings) if client_level else inner
 
     central = central_evaluator(settings)
 
@@ -81,7 +84,9 @@ def run(grid: Grid, settings: Settings) -> dict:
             scores = central(state)
             recorder.record_central(true_round, scores)
             metrics = MetricRecord(scores)
-        save_checkpoint(run_dir, Checkpoint(true_round, state, strategy_state(strategy)))
+        if client_level:
+            recorder.record_client_privacy(true_round, client_level_epsilon(settings, true_round))
+        save_checkpoint(run_dir, Checkpoint(true_round, state, strategy_state(inner)))
         recorder.end_round(true_round)
         return metrics
 

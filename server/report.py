@@ -128,6 +128,14 @@ class RunRecorder:
         if key in metrics:
             self.round_line["central"] = f"central test {key} {metrics[key]:.4f}"
 
+    def record_client_privacy(self, round_: int, figures: dict[str, float]) -> None:
+        """Log the client-level DP guarantee after ``round_`` noisy rounds."""
+        self._append([{"round": round_, "phase": "privacy", "hospital": "client-level",
+                       **_clean(figures)}])
+        self.privacy["client-level"] = figures
+        self.round_line["central"] = (self.round_line.get("central", "") +
+                                      f" | client-level epsilon {figures['epsilon']:.2f}")
+
     def end_round(self, round_: int) -> None:
         """Print the progress line of a completed round."""
         parts = [self.round_line.pop(k) for k in ("train", "evaluate", "central")

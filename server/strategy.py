@@ -172,7 +172,9 @@ def build_strategy(settings: Settings, recorder: RunRecorder, *, round_offset: i
         min_train_nodes=fed.min_train,
         min_evaluate_nodes=fed.min_evaluate if fed.fraction_evaluate > 0 else 0,
         min_available_nodes=fed.min_train,
-        weighted_by_key=wire.NUM_EXAMPLES,
+        # client-level DP calibrates its noise to a plain mean of clipped updates
+        weighted_by_key=(wire.UNIT_WEIGHT if settings.privacy.mode == "client_level"
+                         else wire.NUM_EXAMPLES),
         train_metrics_aggr_fn=weighted_mean,
         evaluate_metrics_aggr_fn=weighted_mean,
         **_specific_kwargs(settings),
