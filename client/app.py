@@ -7,7 +7,7 @@ the reply. Only model weights and scalar metrics leave the hospital.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.clipping import client_level_clipping_mod
@@ -25,21 +25,21 @@ def train(msg: Message, context: Context) -> Message:
     # Settings: the experiment (run config) and this hospital (node config)
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     hospital = hospital_from_node_config(context.node_config)
-    config = msg.content[wire.CONFIG]
+    config = msg.content.config_records[wire.CONFIG]
 
     # Train locally on the global weights
     result = train_round(
         settings,
         hospital,
-        msg.content[wire.ARRAYS].to_torch_state_dict(),
-        server_round=int(config[wire.SERVER_ROUND]),
-        proximal_mu=float(config.get(wire.PROXIMAL_MU, 0.0)),
+        msg.content.array_records[wire.ARRAYS].to_torch_state_dict(),
+        server_round=int(wire.scalar(config[wire.SERVER_ROUND])),
+        proximal_mu=wire.scalar(config.get(wire.PROXIMAL_MU, 0.0)),
     )
 
     # Reply with the weights and scalar metrics only
     content = RecordDict({
         wire.ARRAYS: ArrayRecord(result.weights),
-        wire.METRICS: MetricRecord(result.metrics),
+        wire.METRICS: wire.metric_record(result.metrics),
     })
     return Message(content=content, reply_to=msg)
 
@@ -50,6 +50,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     hospital = hospital_from_node_config(context.node_config)
 
-    metrics = evaluate_round(settings, hospital, msg.content[wire.ARRAYS].to_torch_state_dict())
+    weights = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    metrics = evaluate_round(settings, hospital, weights)
 
-    return Message(content=RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return Message(content=RecordDict({wire.METRICS: wire.metric_record(metrics)}),
+                   reply_to=msg)

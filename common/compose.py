@@ -8,6 +8,7 @@ line naming the key and what is allowed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Sequence
@@ -38,9 +39,10 @@ def _allowed_keys(full_key: str) -> str:
     section = full_key.split(".")[0]
     cls = SECTIONS.get(section)
     if cls is None:
-        names = ", ".join(sorted(f for f in Settings.__dataclass_fields__))
+        names = ", ".join(sorted(f.name for f in dataclasses.fields(Settings)))
         return f"allowed top-level keys: {names}"
-    return f"allowed keys under {section}: {', '.join(cls.__dataclass_fields__)}"
+    names = ", ".join(f.name for f in dataclasses.fields(cls))
+    return f"allowed keys under {section}: {names}"
 
 
 def _one_line(err: Exception, conf_dir: Path) -> str:

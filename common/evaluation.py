@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from monai.metrics import (
@@ -26,6 +27,13 @@ from common.config import TaskConfig
 from common.training import make_loss
 
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _value(result: Any) -> float:
+    """A MONAI metric's aggregate (tensor, array or float) as a Python float."""
+    if isinstance(result, tuple | list):
+        result = result[0]
+    return float(torch.as_tensor(result).float().mean())
 
 
 @torch.no_grad()
@@ -60,7 +68,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
     else:
         auc(probs, one_hot(labels[:, None], num_classes, dim=1))
     try:
-        metrics["auc"] = float(auc.aggregate())
+        metrics["auc"] = _value(auc.aggregate())
     except (ValueError, AssertionError):
         metrics["auc"] = math.nan  # one class only: AUC undefined
     if num_classes == 2:
@@ -68,7 +76,7 @@ def classification_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[
                                    include_background=False)
         pred = one_hot(probs.argmax(1)[:, None], 2, dim=1)
         cm(pred, one_hot(labels[:, None], 2, dim=1))
-        sens, spec = (float(t) for t in cm.aggregate())
+        sens, spec = (_value(t) for t in cm.aggregate())
         metrics.update(sensitivity=sens, specificity=spec)
     return metrics
 
@@ -80,12 +88,12 @@ def segmentation_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[st
     truth = one_hot(targets.long(), num_classes, dim=1)
     dice = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
     dice(pred, truth)
-    metrics = {"dice": float(dice.aggregate())}
+    metrics = {"dice": _value(dice.aggregate())}
     both = (pred[:, 1:].flatten(1).sum(1) > 0) & (truth[:, 1:].flatten(1).sum(1) > 0)
     if both.any():
         hd = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="mean")
         hd(pred[both], truth[both])
-        metrics["hd95"] = float(hd.aggregate())
+        metrics["hd95"] = _value(hd.aggregate())
     else:
         metrics["hd95"] = math.nan
     return metrics

@@ -16,6 +16,7 @@ A network that still fails Opacus' validation raises :class:`ModelError`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from monai.networks.nets import (
@@ -174,7 +175,7 @@ class _OutOfPlaceResidual(nn.Module):
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.block
+        b: Any = self.block
         out = b.conv1(b.act(b.norm1(x)))
         out = b.conv2(b.act(b.norm2(out)))
         return out + x

@@ -6,6 +6,11 @@ that both sides (and the run folder) share.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import cast
+
+from flwr.app import MetricRecord
+
 RUN_CONFIG_KEY = "medfed-config"
 """Run-config key carrying the whole validated Settings as JSON."""
 
@@ -50,3 +55,19 @@ DEVICE = "device"
 MAX_EPSILON = "max-epsilon"
 MAX_DELTA = "delta"
 LEDGER_PATH = "ledger-path"
+
+
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    """A Flower MetricRecord of plain float scalars."""
+    return MetricRecord(cast(dict[str, int | float | list[int] | list[float]], dict(values)))
+
+
+def scalar(value: object) -> float:
+    """A record value as a float (records type their values loosely).
+
+    Raises:
+        TypeError: the value is not a single number.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)

@@ -83,7 +83,7 @@ def run(grid: Grid, settings: Settings) -> dict:
         if central is not None:
             scores = central(state)
             recorder.record_central(true_round, scores)
-            metrics = MetricRecord(scores)
+            metrics = wire.metric_record(scores)
         if client_level:
             recorder.record_client_privacy(true_round, client_level_epsilon(settings, true_round))
         save_checkpoint(run_dir, Checkpoint(true_round, state, strategy_state(inner)))

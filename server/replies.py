@@ -31,6 +31,11 @@ def _metric_problem(metrics: MetricRecord) -> str | None:
     return None
 
 
+def _positive_count(metrics: MetricRecord) -> bool:
+    value = metrics.get(wire.NUM_EXAMPLES, 0)
+    return isinstance(value, int | float) and value > 0
+
+
 def train_reply_problem(msg: Message, expected: ArraySpec) -> str | None:
     """Why a training reply must not be aggregated, or None if it is sound."""
     content = msg.content
@@ -54,7 +59,7 @@ def train_reply_problem(msg: Message, expected: ArraySpec) -> str | None:
     problem = _metric_problem(metrics)
     if problem:
         return problem
-    if float(metrics.get(wire.NUM_EXAMPLES, 0)) <= 0:
+    if not _positive_count(metrics):
         return f"metric {wire.NUM_EXAMPLES!r} missing or not positive"
     return None
 
@@ -68,6 +73,6 @@ def evaluate_reply_problem(msg: Message) -> str | None:
     problem = _metric_problem(metrics)
     if problem:
         return problem
-    if float(metrics.get(wire.NUM_EXAMPLES, 0)) <= 0:
+    if not _positive_count(metrics):
         return f"metric {wire.NUM_EXAMPLES!r} missing or not positive"
     return None

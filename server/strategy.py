@@ -51,18 +51,18 @@ def weighted_mean(replies: list[RecordDict], weighting_key: str) -> MetricRecord
     weights: dict[str, float] = {}
     count = 0.0
     for content in replies:
-        metrics = content[wire.METRICS]
-        weight = float(metrics[weighting_key])
+        metrics = content.metric_records[wire.METRICS]
+        weight = wire.scalar(metrics[weighting_key])
         count += weight
         for key, value in metrics.items():
             if key in wire.IDENTITY_KEYS or key == weighting_key or isinstance(value, list):
                 continue
-            if math.isfinite(float(value)):
-                totals[key] = totals.get(key, 0.0) + weight * float(value)
+            if math.isfinite(wire.scalar(value)):
+                totals[key] = totals.get(key, 0.0) + weight * wire.scalar(value)
                 weights[key] = weights.get(key, 0.0) + weight
     out = {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
     out[weighting_key] = count
-    return MetricRecord(out)
+    return wire.metric_record(out)
 
 
 class CheckedRounds:
@@ -92,7 +92,7 @@ class CheckedRounds:
         for msg in replies:
             node = f"node {msg.metadata.src_node_id}"
             if msg.has_error():
-                self.recorder.failure(round_, phase, node, msg.error.reason)
+                self.recorder.failure(round_, phase, node, str(msg.error.reason))
                 continue
             problem = (train_reply_problem(msg, self._expected) if phase == "train"
                        else evaluate_reply_problem(msg))
