@@ -127,6 +127,8 @@ class DataConfig:
             or whole resized ``volume``.
         slice_axis: axis of a RAS-oriented volume that slices are taken along
             (2 = axial).
+        spacing: voxel size in mm every volume is resampled to after
+            reorientation (e.g. [2, 2, 2]); null keeps each file's own grid.
         min_foreground: for segmentation slices, the least fraction of mask
             pixels a slice needs to be kept (0 keeps every slice).
         samples_per_hospital: synthetic images generated per hospital.
@@ -147,6 +149,7 @@ class DataConfig:
     labels_csv: str = "labels.csv"
     volume_mode: str = "slices"
     slice_axis: int = 2
+    spacing: list[float] | None = None
     min_foreground: float = 0.0
     samples_per_hospital: int = 256
     val_fraction: float = 0.15
@@ -160,6 +163,8 @@ class DataConfig:
         _one_of("data.split", self.split, SPLITS)
         _one_of("data.volume_mode", self.volume_mode, VOLUME_MODES)
         _one_of("data.slice_axis", self.slice_axis, (0, 1, 2))
+        if self.spacing is not None and (len(self.spacing) != 3 or min(self.spacing) <= 0):
+            raise ConfigError(f"data.spacing={self.spacing} must be 3 positive sizes in mm")
         if self.source != "synthetic" and not self.path:
             raise ConfigError(f"data.path must be set when data.source={self.source!r}")
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)

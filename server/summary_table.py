@@ -36,7 +36,7 @@ def _table(title: str, rows: dict[str, dict[str, Any]], order: tuple[str, ...]) 
 def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | None = None
                   ) -> None:
     """Print final metrics per hospital, overall, central test and privacy."""
-    console = console or Console()
+    console = console or Console(width=max(Console().width, 120))
     rows = dict(summary.get("hospitals", {}))
     if summary.get("overall"):
         rows["overall (weighted)"] = summary["overall"]

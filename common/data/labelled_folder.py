@@ -1,0 +1,90 @@
+"""Classification from a folder of images and a labels CSV (``image,label``)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from common.config import TaskConfig
+from common.data.errors import DataError
+from common.data.readers import is_image, read_image
+
+
+def read_labels(folder: Path, csv_name: str) -> list[tuple[Path, int]]:
+    """``(image path, class)`` for every CSV row, checked against the folder.
+
+    Raises:
+        DataError: missing folder or CSV, missing columns, an empty or
+            non-integer label, a listed image that does not exist, or an image
+            in the folder that the CSV does not list (each named).
+    """
+    if not folder.is_dir():
+        raise DataError(f"data folder {folder} not found")
+    csv_path = folder / csv_name
+    if not csv_path.is_file():
+        raise DataError(f"labels file {csv_path} not found (data.labels_csv={csv_name!r})")
+    rows: list[tuple[Path, int]] = []
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not reader.fieldnames or not {"image", "label"} <= set(reader.fieldnames):
+            raise DataError(f"{csv_path} needs the columns 'image' and 'label', "
+                            f"found {reader.fieldnames}")
+        for line, row in enumerate(reader, start=2):
+            image, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+            if not label:
+                raise DataError(f"{csv_path} line {line}: image {image!r} has no label")
+            try:
+                rows.append((folder / image, int(label)))
+            except ValueError:
+                raise DataError(f"{csv_path} line {line}: label {label!r} of {image!r} is not "
+                                "an integer class") from None
+    listed = {path.resolve() for path, _ in rows}
+    for path, _ in rows:
+        if not path.is_file():
+            raise DataError(f"{path} is listed in {csv_path} but does not exist")
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and is_image(path) and path.resolve() not in listed:
+            raise DataError(f"{path} has no label: it is missing from {csv_path}")
+    if not rows:
+        raise DataError(f"{csv_path} lists no images")
+    return rows
+
+
+def to_task(image: torch.Tensor, task: TaskConfig, path: Path) -> torch.Tensor:
+    """Fit one image ``[C, *spatial]`` to the task: channels, dims, size, [0, 1] range."""
+    if image.ndim - 1 == 3 and task.spatial_dims == 2:
+        image = image[..., image.shape[-1] // 2]  # a 3D file in a 2D task: its middle slice
+    if image.ndim - 1 != task.spatial_dims:
+        raise DataError(f"{path} has {image.ndim - 1} spatial dims; task.spatial_dims="
+                        f"{task.spatial_dims}")
+    if image.shape[0] != task.in_channels:
+        if task.in_channels == 1 and image.shape[0] in (3, 4):
+            image = image[:3].mean(0, keepdim=True)  # colour to grey
+        else:
+            raise DataError(f"{path} has {image.shape[0]} channels; task.in_channels="
+                            f"{task.in_channels}")
+    mode = "bilinear" if task.spatial_dims == 2 else "trilinear"
+    image = F.interpolate(image[None], size=list(task.image_size), mode=mode,
+                          align_corners=False)[0]
+    low, high = image.min(), image.max()
+    return (image - low) / (high - low) if high > low else image - low
+
+
+def load_labelled(rows: list[tuple[Path, int]], task: TaskConfig
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read the listed images: ``[N, C, *image_size]`` and labels ``[N]``.
+
+    Raises:
+        DataError: an unreadable image or a label outside ``task.num_classes``.
+    """
+    images, labels = [], []
+    for path, label in rows:
+        if not 0 <= label < task.num_classes:
+            raise DataError(f"{path}: label {label} outside [0, task.num_classes="
+                            f"{task.num_classes})")
+        images.append(to_task(read_image(path), task, path))
+        labels.append(label)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
