@@ -44,6 +44,7 @@ def test_default_simulation_end_to_end(tmp_path: Path) -> None:
 def test_failed_rounds_fail_the_run(tmp_path: Path) -> None:
     """Every hospital fails (CUDA asked for on a CPU machine): non-zero, clear error."""
     settings = finalize(compose_settings(["federation.rounds=1", "train.device=cuda",
+                                          "data.central_test=false",
                                           f"run_dir={tmp_path / 'run'}"]), base=ROOT)
     before = _children()
     with pytest.raises(RunFailedError, match="trained successfully"):
