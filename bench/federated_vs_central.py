@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = {"pneumonia": ("central", "auc"), "brain_mri": ("overall", "dice")}
@@ -36,6 +37,12 @@ def timed(argv: list[str]) -> float:
     return time.perf_counter() - started
 
 
+def round_ends(run_dir: Path) -> list[float]:
+    """Seconds since the ServerApp started at which each round ended."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["elapsed_s"] for r in rows if r["phase"] == "round"]
+
+
 def train_seconds(run_dir: Path) -> float:
     """Seconds of local training summed over rounds (the slowest hospital per round)."""
     per_round: dict[int, float] = {}
@@ -46,7 +53,7 @@ def train_seconds(run_dir: Path) -> float:
     return sum(per_round.values())
 
 
-def compare(experiment: str, overrides: list[str], workdir: Path) -> dict[str, float]:
+def compare(experiment: str, overrides: list[str], workdir: Path) -> dict[str, Any]:
     """Run both sides of one experiment and return the figures."""
     fed_dir, central_dir = workdir / f"{experiment}-fed", workdir / f"{experiment}-central"
     common = [f"experiment={experiment}", *overrides]
@@ -61,10 +68,11 @@ def compare(experiment: str, overrides: list[str], workdir: Path) -> dict[str, f
         "central_wall_s": central_wall,
         "fed_rounds_s": float(fed["wall_time_s"]),
         "fed_train_s": train_seconds(fed_dir),
+        "fed_round_ends": round_ends(fed_dir),
         "central_train_s": float(central["train_time_s"]),
         "fed_metric": float(fed[section][metric]),
         "central_metric": float(central[section][metric]),
-        "metric": f"{section} {metric}",  # type: ignore[dict-item]
+        "metric": f"{section} {metric}",
     }
 
 
@@ -84,6 +92,11 @@ def main(argv: list[str]) -> int:
             print(f"  federated = start-up/teardown {startup:.1f} s + rounds "
                   f"{r['fed_rounds_s']:.1f} s (local training {r['fed_train_s']:.1f} s on the "
                   "slowest hospital per round)")
+            ends = r["fed_round_ends"]
+            if len(ends) > 2:  # rounds after the first: no start-up left in them
+                steady = (ends[-1] - ends[0]) / (len(ends) - 1) * len(ends)
+                print(f"  steady state: {len(ends)} rounds at the pace of rounds 2..N take "
+                      f"{steady:.1f} s; / centralized training {steady / r['central_train_s']:.2f}")
             print(f"  centralized training {r['central_train_s']:.1f} s")
             print(f"{r['metric']:<14} federated {r['fed_metric']:.4f} | centralized "
                   f"{r['central_metric']:.4f} | ratio {r['fed_metric'] / r['central_metric']:.3f}")

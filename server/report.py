@@ -3,8 +3,10 @@
 Files written into ``run_dir``:
 
 - ``metrics.jsonl``: one JSON object per line, with ``round``, ``phase``
-  (``train``, ``evaluate`` or ``central``), ``hospital`` (a name, or
-  ``overall`` for the aggregate) and the metric values.
+  (``train``, ``evaluate``, ``central``, ``privacy``, or ``round`` whose
+  ``elapsed_s`` is the time since the ServerApp started when the round
+  ended), ``hospital`` (a name, or ``overall`` for the aggregate) and the
+  metric values.
 - ``summary.json``: final metrics per hospital and overall under plain names
   (``auc``, ``accuracy``, ``sensitivity``, ``specificity``, ``dice``, ...),
   central test metrics, privacy per hospital, wall time.
@@ -16,6 +18,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +79,7 @@ class RunRecorder:
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     central: dict[str, Any] = field(default_factory=dict)
     round_line: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +144,9 @@ class RunRecorder:
         """Print the progress line of a completed round."""
         parts = [self.round_line.pop(k) for k in ("train", "evaluate", "central")
                  if k in self.round_line]
+        elapsed = time.monotonic() - self.started
+        self._append([{"round": round_, "phase": "round", "hospital": "overall",
+                       "elapsed_s": round(elapsed, 3)}])
         log.info("[MedFed] round %d/%d | %s", round_, self.total_rounds, " | ".join(parts))
 
     def failure(self, round_: int, phase: str, hospital: str, reason: str) -> None:
