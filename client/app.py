@@ -7,14 +7,27 @@ the reply. Only model weights and scalar metrics leave the hospital.
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+import json
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.clipping import client_level_clipping_mod
+from client.dp_sgd import BudgetExceededError
 from client.hospital import hospital_from_node_config
 from client.local import evaluate_round, train_round
+from client.privacy_ledger import LedgerError
 from common import wire
 from common.config import settings_from_json
+from common.logs import medfed_logger
+
+DP_STATE = "medfed-dp"
+"""Node-state record holding this run's DP-SGD history (JSON list of mechanisms)."""
+DP_HISTORY = "history"
+DECLINED = 4001
+"""Error code of a round a hospital declines (privacy ceiling, unreadable ledger)."""
+
+log = medfed_logger()
 
 app = ClientApp(mods=[client_level_clipping_mod])
 
@@ -27,14 +40,25 @@ def train(msg: Message, context: Context) -> Message:
     hospital = hospital_from_node_config(context.node_config)
     config = msg.content.config_records[wire.CONFIG]
 
-    # Train locally on the global weights
-    result = train_round(
-        settings,
-        hospital,
-        msg.content.array_records[wire.ARRAYS].to_torch_state_dict(),
-        server_round=int(wire.scalar(config[wire.SERVER_ROUND])),
-        proximal_mu=wire.scalar(config.get(wire.PROXIMAL_MU, 0.0)),
-    )
+    # This run's DP-SGD history so far, kept in the node's state between rounds
+    saved = context.state.config_records.get(DP_STATE)
+    history = json.loads(str(saved[DP_HISTORY])) if saved else []
+
+    # Train locally on the global weights (declined if DP would cross the ceiling)
+    try:
+        result = train_round(
+            settings,
+            hospital,
+            msg.content.array_records[wire.ARRAYS].to_torch_state_dict(),
+            server_round=int(wire.scalar(config[wire.SERVER_ROUND])),
+            proximal_mu=wire.scalar(config.get(wire.PROXIMAL_MU, 0.0)),
+            run_id=str(context.run_id),
+            privacy_state=history,
+        )
+    except (BudgetExceededError, LedgerError) as err:
+        log.warning("[MedFed] %s declines round: %s", hospital.name, err)
+        return Message(Error(code=DECLINED, reason=f"{hospital.name}: {err}"), reply_to=msg)
+    context.state[DP_STATE] = ConfigRecord({DP_HISTORY: json.dumps(result.privacy_state)})
 
     # Reply with the weights and scalar metrics only
     content = RecordDict({

@@ -9,15 +9,17 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
 
 import torch
-from common.data import SiteData, load_site
 from torch.utils.data import DataLoader, Dataset
 
+from client.dp_sgd import DPRound, start_dp_round
 from client.hospital import Hospital
+from client.privacy_ledger import Mechanism, PrivacyLedger
 from common import wire
 from common.config import Settings
+from common.data import SiteData, load_site
 from common.evaluation import evaluate
 from common.models import build_model
 from common.training import make_optimizer, resolve_device, train_epochs
@@ -32,12 +34,12 @@ class RoundResult:
     Attributes:
         weights: the locally trained state dict (CPU tensors).
         metrics: scalars for the reply (``num-examples``, ``train-loss``, ...).
-        privacy_state: DP accountant history to keep in the node's state.
+        privacy_state: this run's DP-SGD mechanisms so far, for the node's state.
     """
 
     weights: dict[str, torch.Tensor]
     metrics: dict[str, float]
-    privacy_state: dict[str, Any] = field(default_factory=dict)
+    privacy_state: list[Mechanism] = field(default_factory=list)
 
 
 def site_data(settings: Settings, hospital: Hospital) -> SiteData:
@@ -71,9 +73,39 @@ def load_global(settings: Settings, weights: StateDict, device: torch.device) ->
     return model.to(device)
 
 
+def ledger_path(settings: Settings, hospital: Hospital) -> Path:
+    """The hospital's privacy ledger: its own ``ledger-path``, else the experiment's folder."""
+    if hospital.ledger_path:
+        return Path(hospital.ledger_path)
+    folder = settings.privacy.ledger_dir or str(Path(settings.run_dir) / "privacy-ledgers")
+    return Path(folder) / f"{hospital.name}.json"
+
+
+def dataset_id(settings: Settings, hospital: Hospital) -> str:
+    """Identity of the data this hospital trains on, as its ledger keys it."""
+    data = settings.data
+    where = hospital.data_path or data.path or "synthetic"
+    return (f"{data.source}:{where}:split={data.split}:seed={settings.seed}:"
+            f"part={hospital.index}/{settings.federation.num_hospitals}")
+
+
+def _start_dp(settings: Settings, hospital: Hospital, model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer, loader: DataLoader, *, run_id: str,
+              run_history: list[Mechanism]) -> tuple[DPRound, PrivacyLedger, str]:
+    ledger, dataset = PrivacyLedger(ledger_path(settings, hospital)), dataset_id(settings, hospital)
+    delta = min(settings.privacy.delta, hospital.delta or 1.0)
+    fed = settings.federation
+    dp = start_dp_round(
+        model=model, optimizer=optimizer, loader=loader, privacy=settings.privacy,
+        planned_epochs=fed.rounds * fed.local_epochs, round_epochs=fed.local_epochs,
+        run_history=run_history, prior_history=ledger.history(dataset, exclude_run=run_id),
+        ceiling_epsilon=hospital.max_epsilon, delta=delta)
+    return dp, ledger, dataset
+
+
 def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
-                server_round: int, proximal_mu: float = 0.0,
-                privacy_state: dict[str, Any] | None = None) -> RoundResult:
+                server_round: int, proximal_mu: float = 0.0, run_id: str = "local",
+                privacy_state: list[Mechanism] | None = None) -> RoundResult:
     """Train the global model on this hospital's training split.
 
     Args:
@@ -82,21 +114,32 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
         weights: global weights received from the server.
         server_round: 1-based round number (seeds the local shuffling).
         proximal_mu: FedProx weight sent by the server (0 = plain local SGD).
-        privacy_state: what earlier rounds of this run stored (DP history).
+        run_id: the federated run (keys this run's entry in the ledger).
+        privacy_state: this run's earlier DP-SGD mechanisms (node state).
 
     Returns:
         The trained weights and the reply metrics; ``num-examples`` counts
-        samples.
+        samples; with DP-SGD also the cumulative privacy figures.
+
+    Raises:
+        BudgetExceededError: DP-SGD would cross the hospital's ceiling; nothing
+            was trained or recorded.
     """
     device = _device(settings, hospital)
     model = load_global(settings, weights, device)
     optimizer = make_optimizer(model, settings.train)
     seed = settings.seed * 100_003 + hospital.index * 1_009 + server_round
     loader = _loader(site_data(settings, hospital).train, settings, shuffle=True, seed=seed)
+    dp = None
+    if settings.privacy.mode == "dp_sgd":
+        dp, ledger, dataset = _start_dp(settings, hospital, model, optimizer, loader,
+                                        run_id=run_id, run_history=list(privacy_state or []))
+        optimizer, loader = dp.optimizer, dp.loader
     started = time.perf_counter()
     result = train_epochs(model, loader, optimizer, task=settings.task,
                           epochs=settings.federation.local_epochs, device=device,
-                          amp=settings.train.amp, proximal_mu=proximal_mu)
+                          amp=settings.train.amp and dp is None, proximal_mu=proximal_mu,
+                          on_empty_batch=dp.empty_batch if dp else None)
     metrics = {
         wire.NUM_EXAMPLES: float(result.num_examples),
         wire.TRAIN_LOSS: result.loss,
@@ -105,8 +148,14 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
         wire.HOSPITAL: float(hospital.index),
         wire.UNIT_WEIGHT: 1.0,
     }
+    history: list[Mechanism] = []
+    if dp is not None:
+        report, history = dp.finish()
+        ledger.record(dataset, run_id, history, epsilon=report.epsilon, delta=report.delta,
+                      accountant=report.accountant)
+        metrics.update(report.metrics())
     weights_out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return RoundResult(weights=weights_out, metrics=metrics, privacy_state=privacy_state or {})
+    return RoundResult(weights=weights_out, metrics=metrics, privacy_state=history)
 
 
 def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict) -> dict[str, float]:

@@ -256,6 +256,9 @@ class PrivacyConfig:
         clipping_norm: client-level DP: L2 clip of each hospital's update.
         client_noise_multiplier: client-level DP noise multiplier.
         clipping_side: client-level DP: clip on the ``server`` or ``client``.
+        ledger_dir: folder of the simulated hospitals' privacy ledgers; empty
+            = ``<run_dir>/privacy-ledgers`` (a fresh ledger per run). A
+            deployed hospital sets its own ``ledger-path`` in its node config.
     """
 
     mode: str = "none"
@@ -267,6 +270,7 @@ class PrivacyConfig:
     clipping_norm: float = 1.0
     client_noise_multiplier: float = 0.5
     clipping_side: str = "server"
+    ledger_dir: str = ""
 
     def __post_init__(self) -> None:
         _one_of("privacy.mode", self.mode, PRIVACY_MODES)

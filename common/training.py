@@ -85,20 +85,22 @@ def train_epochs(
     device: torch.device,
     amp: bool = False,
     proximal_mu: float = 0.0,
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
     Args:
         model: network on ``device``.
-        loader: yields ``(images [B, C, *spatial], targets)``; empty batches
-            (Opacus' Poisson sampling can draw none) are skipped but the
-            optimizer still steps, so DP noise is added as accounted.
+        loader: yields ``(images [B, C, *spatial], targets)``.
         optimizer: optimizer over ``model``'s parameters (DPOptimizer too).
         task: decides the loss.
         epochs: passes over the loader.
         device: where to compute.
         amp: bfloat16/float16 autocast on CUDA.
         proximal_mu: FedProx weight; 0 disables the proximal term.
+        on_empty_batch: DP-SGD: called for a batch Poisson sampling left
+            empty, before a (noise-only, accounted) optimizer step; without
+            it empty batches are skipped.
 
     Returns:
         Mean per-sample loss, samples seen and steps taken.
@@ -113,8 +115,10 @@ def train_epochs(
         for images, targets in loader:
             optimizer.zero_grad(set_to_none=True)
             if images.shape[0] == 0:
-                optimizer.step()  # DP-SGD: a noise-only step keeps the accounting exact
-                steps += 1
+                if on_empty_batch is not None:
+                    on_empty_batch()
+                    optimizer.step()
+                    steps += 1
                 continue
             images, targets = images.to(device), targets.to(device)
             with torch.autocast(device.type, enabled=use_amp):

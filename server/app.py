@@ -18,7 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import wire
 from common.config import Settings, settings_from_json
 from common.logs import medfed_logger
-from common.models import build_model
+from common.models import build_model, check_dp_trainable
 from server.central import central_evaluator
 from server.checkpoint import (
     FINAL_MODEL,
@@ -58,8 +58,12 @@ def run(grid: Grid, settings: Settings) -> dict:
     rounds = settings.federation.rounds
     recorder = RunRecorder(run_dir, settings.task.kind, rounds, hospital_names(settings))
 
-    # Initial global model, or the last completed round of an interrupted run
-    weights = build_model(settings.task, settings.model, seed=settings.seed).state_dict()
+    # Initial global model (checked trainable with DP-SGD before any hospital
+    # starts), or the last completed round of an interrupted run
+    model = build_model(settings.task, settings.model, seed=settings.seed)
+    if settings.privacy.mode == "dp_sgd":
+        check_dp_trainable(model, (settings.task.in_channels, *settings.task.image_size))
+    weights = model.state_dict()
     checkpoint = load_checkpoint(run_dir) if settings.resume else None
     done = 0
     if checkpoint is not None:

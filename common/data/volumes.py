@@ -18,6 +18,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     LoadImaged,
+    MapTransform,
     Orientationd,
     ScaleIntensityRangePercentilesd,
     Spacingd,
@@ -62,7 +63,7 @@ def load_volume(image: Path, mask: Path, settings: Settings) -> Volume:
             image (both files and shapes named).
     """
     keys = ["image", "label"]
-    steps = [LoadImaged(keys, reader=NibabelReader(), image_only=True),
+    steps = [LoadImaged(keys, reader=NibabelReader, image_only=True),
              EnsureChannelFirstd(keys)]
     try:
         loaded = Compose(steps)({"image": str(image), "label": str(mask)})
@@ -72,7 +73,7 @@ def load_volume(image: Path, mask: Path, settings: Settings) -> Volume:
     if loaded["image"].shape[1:] != loaded["label"].shape[1:]:
         raise DataError(f"mask {mask} has shape {tuple(loaded['label'].shape[1:])} but its "
                         f"image {image} has shape {tuple(loaded['image'].shape[1:])}")
-    post = [Orientationd(keys, axcodes="RAS")]
+    post: list[MapTransform] = [Orientationd(keys, axcodes="RAS")]
     if settings.data.spacing:
         post.append(Spacingd(keys, pixdim=settings.data.spacing, mode=("bilinear", "nearest")))
     post.append(ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0,
