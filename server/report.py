@@ -170,7 +170,7 @@ class RunRecorder:
             "train": {name: {k: v for k, v in row.items()
                              if k not in ("round", "phase", "hospital")}
                       for name, row in self.last_train.items()},
-            "privacy": self.privacy,
+            "privacy": dict(sorted(self.privacy.items())),
         }
         atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
