@@ -21,7 +21,13 @@ from pathlib import Path
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.logs import medfed_logger
-from common.processes import ManagedProcess, free_port, running, wait_for_port
+from common.processes import (
+    ManagedProcess,
+    free_port,
+    running,
+    stop_children_on_signals,
+    wait_for_port,
+)
 from server.runner import Connection, RunFailedError, flwr_bin, submit_and_follow
 from server.summary_table import print_summary
 
@@ -73,6 +79,7 @@ def main(argv: list[str]) -> int:
             options = ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
             print(f"  {group}: {options}")
         return 0
+    stop_children_on_signals()
     verbose = "--verbose" in argv
     overrides = [a for a in argv if a != "--verbose"]
     try:

@@ -14,6 +14,7 @@ from flwr.clientapp import ClientApp
 
 from client.clipping import client_level_clipping_mod
 from client.dp_sgd import BudgetExceededError
+from client.guard import only_weights_mod
 from client.hospital import hospital_from_node_config
 from client.local import evaluate_round, train_round
 from client.privacy_ledger import LedgerError
@@ -29,7 +30,8 @@ DECLINED = 4001
 
 log = medfed_logger()
 
-app = ClientApp(mods=[client_level_clipping_mod])
+# The guard is outermost: it sees the reply exactly as it would leave
+app = ClientApp(mods=[only_weights_mod, client_level_clipping_mod])
 
 
 @app.train()

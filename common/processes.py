@@ -173,3 +173,18 @@ def running(*processes: ManagedProcess) -> Iterator[tuple[ManagedProcess, ...]]:
     finally:
         for proc in reversed(started):
             proc.stop()
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def stop_children_on_signals() -> None:
+    """Turn SIGTERM (and an ignored SIGINT) into KeyboardInterrupt.
+
+    Commands that start processes call this first, so ``kill PID`` or Ctrl-C
+    unwinds their ``finally`` blocks and stops every child they started,
+    instead of leaving them orphaned.
+    """
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGINT, _raise_interrupt)
