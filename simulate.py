@@ -44,8 +44,13 @@ def simulation_superlink(run_dir: Path, port: int) -> ManagedProcess:
                           env={"FLWR_HOME": str(run_dir / "flwr-home")})
 
 
-def simulate(settings: Settings, *, verbose: bool = False) -> dict:
-    """Run the federated simulation described by ``settings``; return its summary."""
+def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = PROJECT_DIR
+             ) -> dict:
+    """Run the federated simulation described by ``settings``; return its summary.
+
+    ``project_dir`` is the Flower app to run (this project unless a test
+    passes another app built on the same packages).
+    """
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(settings_yaml(settings))
@@ -58,7 +63,7 @@ def simulate(settings: Settings, *, verbose: bool = False) -> dict:
         return submit_and_follow(
             settings,
             Connection(name="medfed-simulation", address=f"127.0.0.1:{port}"),
-            project_dir=PROJECT_DIR,
+            project_dir=project_dir,
             flwr_home=run_dir / "flwr-home",
             federation_config={
                 "num-supernodes": fed.num_hospitals,

@@ -9,6 +9,7 @@ TOML file in the run folder and passed with ``flwr run --run-config``.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -82,6 +83,13 @@ def _is_progress(line: str) -> bool:
     return "[MedFed]" in line or "ERROR" in line or "Traceback" in line or "Error" in line
 
 
+def _last_error(log_path: Path) -> str | None:
+    """The last exception line Flower logged (``SomethingError: ...``), if any."""
+    lines = [line.strip() for line in log_path.read_text(errors="replace").splitlines()
+             if re.match(r"^\w+(Error|Exception): ", line.strip())]
+    return lines[-1] if lines else None
+
+
 def submit_and_follow(
     settings: Settings,
     connection: Connection,
@@ -125,7 +133,8 @@ def submit_and_follow(
                 stop_pids([proc.pid])
     if not summary_path.exists():
         error = run_dir / "error.txt"
-        reason = error.read_text().splitlines()[0] if error.exists() else f"flwr exited {code}"
+        reason = error.read_text().splitlines()[0] if error.exists() else _last_error(
+            run_dir / FLWR_LOG) or f"flwr exited {code}"
         raise RunFailedError(f"the federated run failed: {reason} (full log: {run_dir / FLWR_LOG})")
     result: dict = json.loads(summary_path.read_text())
     return result
