@@ -175,5 +175,6 @@ def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict) -
     metrics = evaluate(model, _loader(split, settings, shuffle=False, seed=0),
                        task=settings.task, device=device)
     metrics[wire.HOSPITAL] = float(hospital.index)
+    metrics[wire.UNIT_WEIGHT] = 1.0
     # An undefined figure (AUC on one class, HD95 with empty masks) is left out
     return {k: v for k, v in metrics.items() if math.isfinite(v)}
