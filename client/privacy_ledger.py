@@ -17,12 +17,12 @@ separate runs' epsilons at the same delta and usually much less.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from common.atomic import atomic_file
 
 Mechanism = tuple[float, float, int]
 """One DP-SGD phase: (noise multiplier, sample rate, steps)."""
@@ -77,20 +77,8 @@ class PrivacyLedger:
         self._write(data)
 
     def _write(self, data: dict[str, Any]) -> None:
-        folder = self.path.parent
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".tmp")
+            with atomic_file(self.path, "w") as handle:
+                json.dump(data, handle, indent=2)
         except OSError as err:
             raise LedgerError(f"cannot write privacy ledger {self.path}: {err}") from None
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(data, handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException as err:
-            Path(tmp).unlink(missing_ok=True)
-            if isinstance(err, OSError):
-                raise LedgerError(f"cannot write privacy ledger {self.path}: {err}") from None
-            raise

@@ -8,8 +8,6 @@ previous checkpoint intact.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+
+from common.atomic import atomic_file
 
 CHECKPOINT = "checkpoint.pt"
 FINAL_MODEL = "final_model.pt"
@@ -44,17 +44,8 @@ class Checkpoint:
 
 def atomic_save(obj: object, path: Path) -> None:
     """``torch.save`` to ``path`` via a temporary file and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as handle:
+        torch.save(obj, handle)
 
 
 def _to_tensors(value: Any) -> Any:

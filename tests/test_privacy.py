@@ -136,7 +136,7 @@ def test_interrupted_ledger_write_keeps_the_previous_ledger(
     def crash(*_args: object, **_kwargs: object) -> None:
         raise OSError("power cut")
 
-    monkeypatch.setattr("client.privacy_ledger.os.replace", crash)
+    monkeypatch.setattr("common.atomic.os.replace", crash)
     with pytest.raises(LedgerError, match="power cut"):
         ledger.record("data", "run-2", [(1.0, 0.1, 99)], epsilon=5.0, delta=1e-5,
                       accountant="prv")
