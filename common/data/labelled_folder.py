@@ -6,11 +6,11 @@ import csv
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from common.config import TaskConfig
 from common.data.errors import DataError
-from common.data.readers import is_image, read_image
+from common.data.readers import check_extension, is_image, read_image
+from common.data.resize import resize_image
 
 
 def read_labels(folder: Path, csv_name: str) -> list[tuple[Path, int]]:
@@ -18,7 +18,8 @@ def read_labels(folder: Path, csv_name: str) -> list[tuple[Path, int]]:
 
     Raises:
         DataError: missing folder or CSV, missing columns, an empty or
-            non-integer label, a listed image that does not exist, or an image
+            non-integer label, a listed file with an unknown extension, a listed
+            image that does not exist, or an image
             in the folder that the CSV does not list (each named).
     """
     if not folder.is_dir():
@@ -43,6 +44,7 @@ def read_labels(folder: Path, csv_name: str) -> list[tuple[Path, int]]:
                                 "an integer class") from None
     listed = {path.resolve() for path, _ in rows}
     for path, _ in rows:
+        check_extension(path)
         if not path.is_file():
             raise DataError(f"{path} is listed in {csv_path} but does not exist")
     for path in sorted(folder.rglob("*")):
@@ -54,7 +56,12 @@ def read_labels(folder: Path, csv_name: str) -> list[tuple[Path, int]]:
 
 
 def to_task(image: torch.Tensor, task: TaskConfig, path: Path) -> torch.Tensor:
-    """Fit one image ``[C, *spatial]`` to the task: channels, dims, size, [0, 1] range."""
+    """Fit one image ``[C, *spatial]`` to the task: ``[in_channels, *image_size]`` in [0, 1].
+
+    A 3D file in a 2D task gives its middle slice along the last axis; colour
+    images become grey when ``task.in_channels`` is 1; intensities are
+    min-max scaled per image (DICOM/NIfTI values are in scanner units).
+    """
     if image.ndim - 1 == 3 and task.spatial_dims == 2:
         image = image[..., image.shape[-1] // 2]  # a 3D file in a 2D task: its middle slice
     if image.ndim - 1 != task.spatial_dims:
@@ -66,9 +73,7 @@ def to_task(image: torch.Tensor, task: TaskConfig, path: Path) -> torch.Tensor:
         else:
             raise DataError(f"{path} has {image.shape[0]} channels; task.in_channels="
                             f"{task.in_channels}")
-    mode = "bilinear" if task.spatial_dims == 2 else "trilinear"
-    image = F.interpolate(image[None], size=list(task.image_size), mode=mode,
-                          align_corners=False)[0]
+    image = resize_image(image, task.image_size)
     low, high = image.min(), image.max()
     return (image - low) / (high - low) if high > low else image - low
 

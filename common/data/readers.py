@@ -1,25 +1,45 @@
-"""Reading one image file with MONAI's readers, chosen by extension."""
+"""Reading one image file with MONAI's readers, chosen by extension.
+
+PNG/JPEG and DICOM arrays keep the (row, column) order in which the image is
+displayed, the same order as MedMNIST arrays, so a model trained on one
+source sees the other the same way up (MONAI's defaults would transpose them).
+NIfTI files keep their voxel axes.
+
+:func:`load` does what MONAI's ``LoadImage(image_only=True,
+ensure_channel_first=True)`` does with one given reader, without
+``LoadImage``'s side effect of building every registered reader first (on
+machines without a GPU its nvImageCodec DICOM reader logs a warning each time).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
-from monai.data import NibabelReader, PILReader, PydicomReader
+from monai.data import MetaTensor, NibabelReader, PILReader, PydicomReader
 from monai.data.image_reader import ImageReader
-from monai.transforms import LoadImage
+from monai.transforms import EnsureChannelFirst
+from monai.transforms.io.array import switch_endianness
+from monai.utils import ImageMetaKey, convert_to_tensor
 
 from common.data.errors import DataError
 
-READERS: dict[str, type[ImageReader]] = {
-    ".png": PILReader, ".jpg": PILReader, ".jpeg": PILReader,
-    ".dcm": PydicomReader, ".dicom": PydicomReader,
-    ".nii": NibabelReader, ".nii.gz": NibabelReader,
+READERS: dict[str, Callable[[], ImageReader]] = {
+    ".png": lambda: PILReader(reverse_indexing=False),
+    ".jpg": lambda: PILReader(reverse_indexing=False),
+    ".jpeg": lambda: PILReader(reverse_indexing=False),
+    ".dcm": lambda: PydicomReader(swap_ij=False),
+    ".dicom": lambda: PydicomReader(swap_ij=False),
+    ".nii": NibabelReader,
+    ".nii.gz": NibabelReader,
 }
+"""Image extensions MedFed reads, and the MONAI reader of each."""
 
 
 def suffix(path: Path) -> str:
-    """The image extension of ``path`` (``.nii.gz`` counts as one)."""
+    """The image extension of ``path`` in lower case (``.nii.gz`` counts as one)."""
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
@@ -29,8 +49,18 @@ def is_image(path: Path) -> bool:
     return suffix(path) in READERS
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """Load ``path`` channel-first as float32: ``[C, *spatial]`` in file units.
+def check_extension(path: Path) -> None:
+    """Raise :class:`DataError` naming ``path`` if its extension is not readable."""
+    if not is_image(path):
+        raise DataError(f"{path}: unknown image extension {suffix(path)!r}; "
+                        f"supported: {', '.join(sorted(READERS))}")
+
+
+def load(path: Path) -> torch.Tensor:
+    """Read ``path`` with its extension's MONAI reader: float32 ``[C, *spatial]``.
+
+    The result is a MONAI ``MetaTensor`` carrying the file's affine, so MONAI's spatial transforms
+    (``Orientation``, ``Spacing``) apply to it.
 
     Raises:
         DataError: missing file, unknown extension, or a file the reader
@@ -38,14 +68,23 @@ def read_image(path: Path) -> torch.Tensor:
     """
     if not path.is_file():
         raise DataError(f"image file {path} not found")
-    reader = READERS.get(suffix(path))
-    if reader is None:
-        raise DataError(f"{path}: unknown image extension {suffix(path)!r}; "
-                        f"supported: {', '.join(sorted(READERS))}")
-    loader = LoadImage(reader=reader(), image_only=True, ensure_channel_first=True,
-                       dtype="float32")
+    check_extension(path)
+    reader = READERS[suffix(path)]()
     try:
-        image = loader(str(path))
+        array, meta = reader.get_data(reader.read(str(path)))
+        native = np.asarray(array, dtype=np.float32)  # also fixes big-endian NIfTI data
+        meta = switch_endianness(meta, "<")
+        meta[ImageMetaKey.FILENAME_OR_OBJ] = str(path)
+        image = MetaTensor.ensure_torch_and_prune_meta(native, meta)
+        return EnsureChannelFirst()(image, meta_dict=meta)
     except Exception as err:  # noqa: BLE001 - every reader failure means the same to the user
         raise DataError(f"cannot read image {path}: {str(err).splitlines()[0][:200]}") from None
-    return torch.as_tensor(image).float()
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Load ``path`` as a plain float32 tensor ``[C, *spatial]`` in file units.
+
+    Raises:
+        DataError: as :func:`load`.
+    """
+    return convert_to_tensor(load(path), dtype=torch.float32, track_meta=False)

@@ -1,38 +1,97 @@
 """Segmentation volumes in the MSD / nnU-Net layout (``imagesTr/``, ``labelsTr/``).
 
 Each image/mask pair is loaded with MONAI, reoriented to RAS (hospitals
-export LAS, RAS, LSA... alike), optionally resampled to ``data.spacing``,
-intensity-normalised per volume (0.5-99.5 percentiles to [0, 1]), and turned
-into samples: 2D slices along ``data.slice_axis``, 3D patches, or the whole
-resized volume.
+export LAS, RAS, LSA... alike, so axis 2 is then always inferior-superior),
+optionally resampled to ``data.spacing`` mm, intensity-normalised per volume
+(0.5-99.5 percentiles to [0, 1]) and turned into samples:
+
+* ``slices`` (``task.spatial_dims=2``): 2D slices along ``data.slice_axis``,
+  kept when their mask covers at least ``data.min_foreground`` of the slice;
+* ``patches`` (3D): a grid of non-overlapping ``task.image_size`` patches
+  (the volume zero-padded to a whole number of patches), kept by the same
+  foreground rule;
+* ``volume`` (3D): the whole volume resized to ``task.image_size``.
+
+Slices and whole volumes are first zero-padded to the target's aspect ratio
+in millimetres, then resized (image: linear with anti-aliasing; mask:
+nearest), so anatomy is never stretched and output pixels are square.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.data import NibabelReader
 from monai.transforms import (
     Compose,
-    EnsureChannelFirstd,
-    LoadImaged,
     MapTransform,
     Orientationd,
     ScaleIntensityRangePercentilesd,
     Spacingd,
 )
+from monai.utils import convert_to_tensor
 
 from common.config import Settings
 from common.data.errors import DataError
-from common.data.readers import suffix
+from common.data.readers import load, suffix
+from common.data.resize import pad_to_aspect, resize_image, resize_mask
 
-Volume = tuple[torch.Tensor, torch.Tensor]  # image [1, X, Y, Z] float, mask [1, X, Y, Z] long
+KEYS = ("image", "label")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One reoriented volume and its mask, channel-first.
+
+    Attributes:
+        image: float32 ``[1, X, Y, Z]`` in [0, 1], RAS axes.
+        mask: int64 ``[1, X, Y, Z]`` class indices.
+        spacing: voxel size along X, Y, Z in mm.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    spacing: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
+class VolumeSamples:
+    """Every sample cut from the volumes of one folder.
+
+    Attributes:
+        images: float32 ``[N, 1, *image_size]``.
+        masks: int64 ``[N, 1, *image_size]``.
+        volume: index of the volume each sample came from, ``[N]``; the
+            samples of one volume are adjacent and in anatomical order.
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    volume: np.ndarray
+
+
+def _mask_of(image: Path, labels_dir: Path) -> Path:
+    """The mask of ``image``: same name (MSD), or without nnU-Net's ``_0000`` channel tag."""
+    ext = suffix(image)
+    stem = image.name[: -len(ext)]
+    channel = re.fullmatch(r"(.+)_(\d{4})", stem)
+    if channel and channel.group(2) != "0000":
+        raise DataError(f"{image}: multi-channel images (nnU-Net channel {channel.group(2)}) "
+                        "are not supported; keep one channel (_0000) per case")
+    candidates = [labels_dir / image.name]
+    if channel:
+        candidates.append(labels_dir / f"{channel.group(1)}{ext}")
+    for mask in candidates:
+        if mask.is_file():
+            return mask
+    raise DataError(f"{image} has no mask: {' or '.join(map(str, candidates))} not found")
 
 
 def pairs(folder: Path) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` paths of a MSD-layout folder, matched by file name.
+    """``(image, mask)`` paths of a MSD / nnU-Net folder, matched by file name.
 
     Raises:
         DataError: missing folder or sub-folder, an image without a mask, or
@@ -45,97 +104,103 @@ def pairs(folder: Path) -> list[tuple[Path, Path]]:
         if not sub.is_dir():
             raise DataError(f"{folder} lacks {sub.name}/ (expected imagesTr/ and labelsTr/)")
     found = []
-    for image in sorted(p for p in images_dir.iterdir() if suffix(p) in (".nii", ".nii.gz")):
-        mask = labels_dir / image.name
-        if not mask.is_file():
-            raise DataError(f"{image} has no mask: {mask} not found")
-        found.append((image, mask))
+    for image in sorted(p for p in images_dir.iterdir() if not p.name.startswith(".")):
+        if suffix(image) not in (".nii", ".nii.gz"):
+            raise DataError(f"{image}: unknown volume extension {suffix(image)!r}; "
+                            "imagesTr/ holds NIfTI files (.nii, .nii.gz)")
+        found.append((image, _mask_of(image, labels_dir)))
     if not found:
         raise DataError(f"{images_dir} holds no NIfTI images (.nii/.nii.gz)")
     return found
+
+
+def _load(image: Path, mask: Path) -> dict[str, torch.Tensor]:
+    """Both files, channel-first with their affines, as stored (no reorientation yet)."""
+    return {"image": load(image), "label": load(mask)}
 
 
 def load_volume(image: Path, mask: Path, settings: Settings) -> Volume:
     """One reoriented, resampled, normalised volume and its integer mask.
 
     Raises:
-        DataError: an unreadable file, or a mask whose grid differs from its
-            image (both files and shapes named).
+        DataError: an unreadable file, a mask whose grid differs from its
+            image (both files and shapes named), or mask values outside
+            ``[0, task.num_classes)``.
     """
-    keys = ["image", "label"]
-    steps = [LoadImaged(keys, reader=NibabelReader, image_only=True),
-             EnsureChannelFirstd(keys)]
-    try:
-        loaded = Compose(steps)({"image": str(image), "label": str(mask)})
-    except Exception as err:  # noqa: BLE001 - any decoder failure is reported the same way
-        raise DataError(f"cannot read {image} / {mask}: {str(err).splitlines()[0][:200]}"
-                        ) from None
+    loaded = _load(image, mask)
     if loaded["image"].shape[1:] != loaded["label"].shape[1:]:
         raise DataError(f"mask {mask} has shape {tuple(loaded['label'].shape[1:])} but its "
                         f"image {image} has shape {tuple(loaded['image'].shape[1:])}")
-    post: list[MapTransform] = [Orientationd(keys, axcodes="RAS")]
+    steps: list[MapTransform] = [Orientationd(list(KEYS), axcodes="RAS", labels=None)]
     if settings.data.spacing:
-        post.append(Spacingd(keys, pixdim=settings.data.spacing, mode=("bilinear", "nearest")))
-    post.append(ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0,
-                                                b_max=1.0, clip=True))
-    out = Compose(post)(loaded)
-    return torch.as_tensor(out["image"]).float(), torch.as_tensor(out["label"]).round().long()
+        steps.append(Spacingd(list(KEYS), pixdim=settings.data.spacing,
+                              mode=("bilinear", "nearest")))
+    steps.append(ScaleIntensityRangePercentilesd("image", lower=0.5, upper=99.5, b_min=0.0,
+                                                 b_max=1.0, clip=True))
+    out = Compose(steps)(loaded)
+    labels = convert_to_tensor(out["label"], track_meta=False).round().long()
+    bad = sorted({v for v in labels.unique().tolist() if not 0 <= v < settings.task.num_classes})
+    if bad:
+        raise DataError(f"mask {mask} holds class(es) {bad} outside [0, task.num_classes="
+                        f"{settings.task.num_classes})")
+    x, y, z = (float(p) for p in out["image"].pixdim)
+    return Volume(convert_to_tensor(out["image"], dtype=torch.float32, track_meta=False),
+                  labels, (x, y, z))
 
 
-def _resize(x: torch.Tensor, size: list[int], *, mask: bool) -> torch.Tensor:
-    if mask:
-        return F.interpolate(x.float(), size=size, mode="nearest").long()
-    mode = "bilinear" if len(size) == 2 else "trilinear"
-    return F.interpolate(x, size=size, mode=mode, align_corners=False)
+def _foreground(masks: torch.Tensor) -> torch.Tensor:
+    """Share of non-background pixels of each sample ``[N, 1, ...]``: ``[N]``."""
+    return (masks > 0).flatten(1).float().mean(1)
 
 
 def slices(volume: Volume, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """2D samples along ``data.slice_axis``: images ``[S, 1, H, W]``, masks ``[S, 1, H, W]``.
+    """2D samples along ``data.slice_axis``: images and masks ``[S, 1, *image_size]``.
 
-    Slices whose mask covers less than ``data.min_foreground`` of the slice
-    are dropped; slices stay in anatomical order (neighbours adjacent).
+    Slices whose mask covers less than ``data.min_foreground`` of the
+    (resized) slice are dropped; slices stay in anatomical order.
     """
-    image, mask = volume
-    axis = settings.data.slice_axis + 1
-    imgs = image.movedim(axis, 0)  # [S, 1, a, b]
-    masks = mask.movedim(axis, 0)
-    fg = (masks > 0).flatten(1).float().mean(1)
-    keep = fg >= settings.data.min_foreground if settings.data.min_foreground > 0 else fg >= 0
-    size = list(settings.task.image_size)
-    return _resize(imgs[keep], size, mask=False), _resize(masks[keep], size, mask=True)
+    axis, size = settings.data.slice_axis, settings.task.image_size
+    image = pad_to_aspect(volume.image, volume.spacing, size, skip_axis=axis)
+    mask = pad_to_aspect(volume.mask, volume.spacing, size, skip_axis=axis)
+    images = resize_image(image[0].movedim(axis, 0), size).unsqueeze(1)  # slices as channels
+    masks = resize_mask(mask[0].movedim(axis, 0), size).unsqueeze(1)
+    keep = _foreground(masks) >= settings.data.min_foreground
+    return images[keep], masks[keep]
 
 
 def _grid_patches(x: torch.Tensor, size: list[int]) -> torch.Tensor:
     """Non-overlapping ``size`` patches of ``x`` ``[1, X, Y, Z]``: ``[P, 1, *size]``."""
+    pad = [-d % s for d, s in zip(x.shape[1:], size, strict=True)]
+    x = torch.nn.functional.pad(x, [p for amount in reversed(pad) for p in (0, amount)])
     for dim, step in enumerate(size, start=1):
         x = x.unfold(dim, step, step)
     return x.reshape(1, -1, *size).movedim(1, 0)
 
 
 def patches(volume: Volume, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """3D samples: a grid of ``task.image_size`` patches (``patches``) or the resized volume."""
-    image, mask = volume
+    """3D samples ``[P, 1, *image_size]``: a patch grid (``patches``) or the resized volume."""
     size = list(settings.task.image_size)
     if settings.data.volume_mode == "volume":
-        return _resize(image[None], size, mask=False), _resize(mask[None], size, mask=True)
-    pad = [max(0, s - d) for s, d in zip(size, image.shape[1:], strict=True)]
-    padding = [p for amount in reversed(pad) for p in (0, amount)]
-    image, mask = F.pad(image, padding), F.pad(mask, padding)
-    img_p, msk_p = _grid_patches(image, size), _grid_patches(mask, size)
-    fg = (msk_p > 0).flatten(1).float().mean(1)
-    keep = fg >= settings.data.min_foreground
-    return img_p[keep], msk_p[keep]
+        image = pad_to_aspect(volume.image, volume.spacing, size)
+        mask = pad_to_aspect(volume.mask, volume.spacing, size)
+        return resize_image(image, size)[None], resize_mask(mask, size)[None]
+    images, masks = _grid_patches(volume.image, size), _grid_patches(volume.mask, size)
+    keep = _foreground(masks) >= settings.data.min_foreground
+    return images[keep], masks[keep]
 
 
-def samples(folder: Path, settings: Settings) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Every sample of every volume in ``folder``.
+def load_samples(folder: Path, settings: Settings) -> VolumeSamples:
+    """Every sample of every volume in ``folder`` (see the module docstring).
 
-    Returns:
-        Images ``[N, 1, *image_size]``, masks ``[N, 1, *image_size]`` and the
-        number of samples contributed by each volume (in order).
+    Raises:
+        DataError: bad layout or files (see :func:`pairs`, :func:`load_volume`),
+            ``task.in_channels`` other than 1, or no sample left after the
+            ``data.min_foreground`` filter.
     """
-    images, masks, counts = [], [], []
-    for image_path, mask_path in pairs(folder):
+    if settings.task.in_channels != 1:
+        raise DataError(f"{folder}: NIfTI volumes have 1 channel; set task.in_channels=1")
+    images, masks, volume_ids = [], [], []
+    for index, (image_path, mask_path) in enumerate(pairs(folder)):
         volume = load_volume(image_path, mask_path, settings)
         if settings.task.spatial_dims == 2:
             x, y = slices(volume, settings)
@@ -143,7 +208,8 @@ def samples(folder: Path, settings: Settings) -> tuple[torch.Tensor, torch.Tenso
             x, y = patches(volume, settings)
         images.append(x)
         masks.append(y)
-        counts.append(len(x))
-    if settings.task.in_channels != 1:
-        raise DataError(f"{folder}: NIfTI volumes have 1 channel; set task.in_channels=1")
-    return torch.cat(images), torch.cat(masks), counts
+        volume_ids.append(np.full(len(x), index))
+    if sum(len(x) for x in images) == 0:
+        raise DataError(f"{folder}: no sample has a foreground share >= "
+                        f"data.min_foreground={settings.data.min_foreground}")
+    return VolumeSamples(torch.cat(images), torch.cat(masks), np.concatenate(volume_ids))
