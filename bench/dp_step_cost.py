@@ -49,7 +49,7 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[st
     y = (torch.randint(0, 2, (n,)) if kind == "classification"
          else torch.randint(0, 2, (n, 1, *size)))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     if dp:
         dp_round = start_dp_round(model=model, optimizer=optimizer, loader=loader,
                                   privacy=PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0),
