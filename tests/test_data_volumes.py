@@ -145,6 +145,8 @@ def test_volume_errors_name_the_files(tmp_path: Path) -> None:
              tmp_path / "labelsTr" / "case0.nii.gz")
     with pytest.raises(DataError, match=r"mask .*case0.nii.gz holds class\(es\) \[3\] outside"):
         load_site(s, 0, data_path=str(tmp_path))
+    with pytest.raises(DataError, match="data.volume_mode=slices does not fit task.spatial_dims=3"):
+        load_site(_volumes(tmp_path, size=(8, 8, 8)), 0, data_path=str(tmp_path))
     (tmp_path / "imagesTr" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="notes.txt: unknown volume extension '.txt'"):
         load_site(s, 0, data_path=str(tmp_path))

@@ -13,8 +13,9 @@ machines without a GPU its nvImageCodec DICOM reader logs a warning each time).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from monai.utils import ImageMetaKey, convert_to_tensor
 
 from common.data.errors import DataError
 
-READERS: dict[str, Callable[[], ImageReader]] = {
+READERS: Mapping[str, Callable[[], ImageReader]] = MappingProxyType({
     ".png": lambda: PILReader(reverse_indexing=False),
     ".jpg": lambda: PILReader(reverse_indexing=False),
     ".jpeg": lambda: PILReader(reverse_indexing=False),
@@ -34,7 +35,7 @@ READERS: dict[str, Callable[[], ImageReader]] = {
     ".dicom": lambda: PydicomReader(swap_ij=False),
     ".nii": NibabelReader,
     ".nii.gz": NibabelReader,
-}
+})
 """Image extensions MedFed reads, and the MONAI reader of each."""
 
 

@@ -194,11 +194,16 @@ def load_samples(folder: Path, settings: Settings) -> VolumeSamples:
 
     Raises:
         DataError: bad layout or files (see :func:`pairs`, :func:`load_volume`),
-            ``task.in_channels`` other than 1, or no sample left after the
+            ``task.in_channels`` other than 1, a ``data.volume_mode`` that
+            does not fit ``task.spatial_dims``, or no sample left after the
             ``data.min_foreground`` filter.
     """
     if settings.task.in_channels != 1:
         raise DataError(f"{folder}: NIfTI volumes have 1 channel; set task.in_channels=1")
+    if (settings.task.spatial_dims == 2) != (settings.data.volume_mode == "slices"):
+        raise DataError(f"data.volume_mode={settings.data.volume_mode} does not fit task."
+                        f"spatial_dims={settings.task.spatial_dims}: 2D tasks use slices, "
+                        "3D tasks patches or volume")
     images, masks, volume_ids = [], [], []
     for index, (image_path, mask_path) in enumerate(pairs(folder)):
         volume = load_volume(image_path, mask_path, settings)
