@@ -1,71 +1,153 @@
 """Only weights leave a hospital: a ClientApp mod that checks every outgoing reply.
 
-A training reply may carry exactly the model arrays received (same keys,
-same shapes), finite values only, and finite scalar metrics; an evaluation
-reply only finite scalar metrics. Anything else (an extra array, a record of
-strings, a NaN) is refused: it is logged at the hospital and an error reply
-goes out instead, so nothing unexpected leaves.
+The guard sits outermost among the ClientApp's mods, so it sees each reply
+exactly as it would leave the hospital. What may leave:
+
+- a reply to a ``train`` message: ArrayRecords with exactly the record
+  names, array keys, shapes and dtypes of the ArrayRecords received, finite
+  values only, plus MetricRecords of finite ``int``/``float`` scalars;
+- a reply to any other message (``evaluate``, ``query``): MetricRecords of
+  finite scalars only;
+- an error reply built by the ClientApp (its code and a reason cut to
+  :data:`MAX_REASON` characters).
+
+Anything else (an extra or missing array, a reshaped or recast one, a NaN,
+a ConfigRecord of strings, a list-valued metric) is refused: the guard logs
+why at the hospital and sends an error reply with code :data:`REFUSED`
+instead, so none of it leaves. An exception raised inside the ClientApp is
+logged at the hospital and leaves only as its type name, because exception
+messages may quote file names or values. A reply that passes is rebuilt
+from the checked values, so bytes hidden in an array's serialized form
+(past what its shape declares) are dropped too.
 """
 
 from __future__ import annotations
 
 import math
+import traceback
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from common.logs import medfed_logger
 
 REFUSED = 4003
 """Error code of a reply the guard refused to send."""
+RAISED = 4004
+"""Error code sent instead of an exception raised inside the ClientApp."""
+MAX_REASON = 300
+"""Longest error reason (characters) a ClientApp's own error reply may carry."""
+
+ArraySpec = dict[str, dict[str, tuple[tuple[int, ...], str]]]
+"""Record name -> array key -> (shape, dtype)."""
 
 log = medfed_logger()
 
 
-def _metrics_problem(reply: Message) -> str | None:
+class RefusedReplyError(ValueError):
+    """A reply carries something that must not leave the hospital."""
+
+
+def array_spec(content: RecordDict) -> ArraySpec:
+    """Shapes and dtypes of every array in ``content``, by record name and key."""
+    return {name: {key: (tuple(array.shape), str(array.dtype)) for key, array in record.items()}
+            for name, record in content.array_records.items()}
+
+
+def _is_train(msg: Message) -> bool:
+    return msg.metadata.message_type.split(".")[0] == "train"
+
+
+def _checked_arrays(name: str, record: ArrayRecord,
+                    expected: dict[str, tuple[tuple[int, ...], str]]) -> ArrayRecord:
+    """``record`` rebuilt from its decoded arrays, if they match ``expected``."""
+    if set(record.keys()) != set(expected):
+        extra = sorted(f"{name}.{key}" for key in set(record.keys()) - set(expected))
+        missing = sorted(f"{name}.{key}" for key in set(expected) - set(record.keys()))
+        raise RefusedReplyError(f"arrays differ from the model received "
+                                f"(extra: {extra[:3]}, missing: {missing[:3]})")
+    clean: dict[str, Array] = {}
+    for key in expected:  # in the order received
+        array = record[key]
+        values = array.numpy()
+        found = (tuple(values.shape), str(values.dtype))
+        if found != expected[key] or found != (tuple(array.shape), str(array.dtype)):
+            raise RefusedReplyError(f"array {name}.{key} is {found}, expected {expected[key]}")
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            raise RefusedReplyError(f"array {name}.{key} has non-finite values")
+        clean[key] = Array(np.ascontiguousarray(values))
+    return ArrayRecord(array_dict=clean)
+
+
+def _checked_metrics(name: str, record: MetricRecord) -> MetricRecord:
+    """``record`` rebuilt from its values, if every one is a finite scalar."""
+    clean: dict[str, int | float] = {}
+    for key, value in record.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise RefusedReplyError(f"metric {key!r} in {name!r} is not a single number")
+        if not math.isfinite(value):
+            raise RefusedReplyError(f"metric {key!r} in {name!r} is not a finite number")
+        clean[key] = value
+    return MetricRecord(clean)  # type: ignore[arg-type]
+
+
+def checked_reply(msg: Message, reply: Message, expected: ArraySpec) -> Message:
+    """The reply to ``msg`` rebuilt from checked values only.
+
+    Args:
+        msg: the message received from the server.
+        reply: what the ClientApp wants to send back.
+        expected: :func:`array_spec` of ``msg`` taken before the ClientApp ran.
+
+    Raises:
+        RefusedReplyError: the reply carries anything but the model arrays
+            received (train replies only) and finite scalar metrics.
+    """
+    if reply.has_error():
+        error = reply.error
+        return Message(Error(code=error.code, reason=str(error.reason)[:MAX_REASON]),
+                       reply_to=msg)
+    train = _is_train(msg)
+    clean = RecordDict()
     for name, record in reply.content.items():
         if isinstance(record, MetricRecord):
-            for key, value in record.items():
-                values = value if isinstance(value, list) else [value]
-                if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
-                    return f"metric {key!r} in {name!r} is not a finite number"
-    return None
-
-
-def outgoing_problem(msg: Message, reply: Message) -> str | None:
-    """Why ``reply`` to ``msg`` must not leave the hospital, or None if it may."""
-    if reply.has_error():
-        return None  # an error reply carries no data
-    content = reply.content
-    kinds = {name: type(record).__name__ for name, record in content.items()}
-    allowed = (ArrayRecord, MetricRecord) if msg.metadata.message_type == "train" else (
-        MetricRecord,)
-    for name, record in content.items():
-        if not isinstance(record, allowed):
-            return f"record {name!r} ({kinds[name]}) may not leave the hospital"
-    sent = {n: {k: tuple(a.shape) for k, a in r.items()}
-            for n, r in msg.content.array_records.items()}
-    back = {n: {k: tuple(a.shape) for k, a in r.items()}
-            for n, r in content.array_records.items()}
-    if msg.metadata.message_type == "train" and back != sent:
-        extra = sorted({f"{n}.{k}" for n, r in back.items() for k in r}
-                       - {f"{n}.{k}" for n, r in sent.items() for k in r})
-        return f"arrays differ from the model received (extra: {extra[:3]})"
-    for name, record in content.array_records.items():
-        for key, array in record.items():
-            values = array.numpy()
-            if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-                return f"array {name}.{key} has non-finite values"
-    return _metrics_problem(reply)
+            clean[name] = _checked_metrics(name, record)
+        elif isinstance(record, ArrayRecord) and train and name in expected:
+            clean[name] = _checked_arrays(name, record, expected[name])
+        else:
+            kind = type(record).__name__
+            raise RefusedReplyError(f"record {name!r} ({kind}) may not leave the hospital")
+    if train and set(clean.array_records) != set(expected):
+        missing = sorted(set(expected) - set(clean.array_records))
+        raise RefusedReplyError(f"the reply lacks the model arrays {missing}")
+    return Message(clean, reply_to=msg)
 
 
 def only_weights_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Refuse any reply that carries more than the model weights and finite scalars."""
-    reply = call_next(msg, context)
-    problem = outgoing_problem(msg, reply)
-    if problem is None:
-        return reply
-    log.error("[MedFed] outgoing reply refused at node %s: %s", context.node_id, problem)
-    return Message(Error(code=REFUSED, reason=f"refused by the hospital's guard: {problem}"),
-                   reply_to=msg)
+    """Let a reply leave only if it carries the model weights and finite scalars.
+
+    Args:
+        msg: the message received from the server.
+        context: the node's context (passed on unchanged).
+        call_next: the rest of the ClientApp (inner mods and the handler).
+
+    Returns:
+        The checked reply, or an error reply (:data:`REFUSED` when the
+        reply was refused, :data:`RAISED` when the ClientApp raised).
+    """
+    expected = array_spec(msg.content)  # before the ClientApp can touch msg
+    try:
+        reply = call_next(msg, context)
+    except Exception as err:  # noqa: BLE001 - the details stay at the hospital
+        log.error("[MedFed] ClientApp failed at node %s: %s", context.node_id,
+                  traceback.format_exc())
+        return Message(Error(code=RAISED, reason=f"{type(err).__name__} in the hospital's "
+                             "ClientApp; the details stay in the hospital's log"),
+                       reply_to=msg)
+    try:
+        return checked_reply(msg, reply, expected)
+    except RefusedReplyError as err:
+        log.error("[MedFed] outgoing reply refused at node %s: %s", context.node_id, err)
+        return Message(Error(code=REFUSED, reason=f"refused by the hospital's guard: {err}"),
+                       reply_to=msg)
