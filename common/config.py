@@ -129,6 +129,9 @@ class DataConfig:
             (2 = axial).
         spacing: voxel size in mm every volume is resampled to after
             reorientation (e.g. [2, 2, 2]); null keeps each file's own grid.
+        slice_block: neighbouring 2D slices of a volume assigned to the same
+            split together (bigger = less leakage between near-identical
+            neighbours, but whole anatomical regions held out).
         min_foreground: for segmentation slices, the least fraction of mask
             pixels a slice needs to be kept (0 keeps every slice).
         samples_per_hospital: synthetic images generated per hospital.
@@ -150,6 +153,7 @@ class DataConfig:
     volume_mode: str = "slices"
     slice_axis: int = 2
     spacing: list[float] | None = None
+    slice_block: int = 8
     min_foreground: float = 0.0
     samples_per_hospital: int = 256
     val_fraction: float = 0.15
@@ -170,6 +174,7 @@ class DataConfig:
         _positive("data.dirichlet_alpha", self.dirichlet_alpha)
         _positive("data.samples_per_hospital", self.samples_per_hospital)
         _positive("data.batch_size", self.batch_size)
+        _positive("data.slice_block", self.slice_block)
         _positive("data.num_workers", self.num_workers, allow_zero=True)
         _fraction("data.min_foreground", self.min_foreground)
         _fraction("data.val_fraction", self.val_fraction)

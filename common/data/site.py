@@ -12,7 +12,7 @@ Splitting rules (all seeded by ``settings.seed``):
   identical, so they must not sit on both sides of a train/test split. When
   a hospital has enough volumes for every split to get at least one, whole
   volumes are assigned to train/val/test; otherwise each volume is cut into
-  contiguous blocks of :data:`SLICE_BLOCK` slices and whole blocks are
+  contiguous blocks of ``data.slice_block`` slices and whole blocks are
   assigned (only the slices at a block's two ends have a neighbour in
   another split). Pooled ``iid`` folders are shared among hospitals the same
   way: whole volumes when there are at least as many as hospitals, else
@@ -39,9 +39,6 @@ from common.data.partition import (
     three_way_groups,
 )
 from common.data.volumes import load_samples
-
-SLICE_BLOCK = 8
-"""Neighbouring 2D slices of a volume that always land in the same split."""
 
 
 @dataclass
@@ -88,7 +85,7 @@ def _enough_volumes(count: int, settings: Settings) -> bool:
 
 
 def _block(settings: Settings) -> int:
-    return SLICE_BLOCK if settings.task.spatial_dims == 2 else 1
+    return settings.data.slice_block if settings.task.spatial_dims == 2 else 1
 
 
 def _volume_groups(volume: np.ndarray, settings: Settings) -> list[np.ndarray]:
