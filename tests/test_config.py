@@ -31,7 +31,7 @@ def test_experiments_compose(experiment: str, kind: str, model: str) -> None:
     ("train.lrr=0.1", "unknown config key 'train.lrr'; allowed keys under train: optimizer, lr"),
     ("model=resnet99", "model=resnet99 is not valid; allowed values: attentionunet, basicunet"),
     ("strategy=fedfoo", "strategy=fedfoo is not valid; allowed values: fedadagrad"),
-    ("experiment=nope", "experiment=nope is not valid; allowed values: brain_mri, pneumonia"),
+    ("experiment=nope", "experiment=nope is not valid; allowed values: brain_mri, brain_mri_dp"),
     ("privacy.mode=maybe", "privacy.mode='maybe' is not valid; allowed values: none, dp_sgd"),
     ("federation.min_train=7", "federation.min_train=7 is not valid; it must lie in [1, "),
     ("data.split=stratified", "data.split='stratified' is not valid; allowed values: iid, dirich"),
