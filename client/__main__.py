@@ -1,126 +1,165 @@
 """A hospital's node: a Flower SuperNode that runs MedFed's ClientApp on local images.
 
-    python -m client --superlink coordinator.example.org:9092 --name site-a \\
-        --partition-id 0 --num-partitions 3 --key kit/site-a.key --ca kit/ca.crt \\
-        --data-path /data/site-a --ledger-path /secure/site-a-ledger.json --max-epsilon 8
+    python -m client --kit /secure/medfed-site-a --data-path /data/site-a \\
+        --ledger-path /secure/site-a-privacy.json --max-epsilon 8
 
-The hospital's own settings (its data folder, device, privacy ceiling,
-ledger) travel in the SuperNode's node config: the server cannot change
-them. The node keeps retrying while the server is unreachable (not up yet,
-or restarting) and stops itself and every ClientApp it started on exit or
-Ctrl-C.
+``--kit`` is the startup folder the coordinating site provisioned (private
+key, CA certificate, ``hospital.toml`` with the server address, name and
+number); any of those can be given or overridden with ``--superlink``,
+``--name``, ``--partition-id``, ``--num-partitions``, ``--key``, ``--ca``.
+The hospital's own settings (data, device, privacy ceiling, ledger) travel
+in the node config: the server cannot change them. The node waits for the
+server if it is not up yet and reconnects after a server restart (Flower's
+own retry; ``--max-retries`` / ``--max-wait-time`` bound it). Ctrl-C or
+SIGTERM stops the node and every ClientApp process it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
 
-from common import wire
+from client.node import (
+    NODE_CONFIG_FILE,
+    HospitalSettings,
+    Kit,
+    Link,
+    NodeSetupError,
+    read_kit,
+    refusal,
+    supernode_argv,
+    write_node_config,
+)
 from common.logs import medfed_logger
-from common.processes import ManagedProcess, free_port, stop_children_on_signals
+from common.processes import ManagedProcess, running, stop_children_on_signals
 
 log = medfed_logger()
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ECHO = ("SuperNode ID", "Connection successful", "Receiving:", "Sent successfully", "ERROR",
+        "[MedFed]", "Exit Code", "[code:")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The hospital's command line."""
     p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--superlink", required=True, help="HOST:PORT of the coordinating site")
-    p.add_argument("--name", required=True, help="this hospital's name")
-    p.add_argument("--partition-id", type=int, default=0, help="this hospital's index")
-    p.add_argument("--num-partitions", type=int, default=1, help="hospitals in the federation")
-    p.add_argument("--key", type=Path, help="this hospital's private key (from provisioning)")
+    p.add_argument("--kit", type=Path, help="this hospital's startup folder (from provisioning)")
+    p.add_argument("--superlink", help="HOST:PORT of the coordinating site")
+    p.add_argument("--name", help="this hospital's name")
+    p.add_argument("--partition-id", type=int, help="this hospital's number, 0-based")
+    p.add_argument("--num-partitions", type=int, help="hospitals in the federation")
+    p.add_argument("--key", type=Path, help="this hospital's private key")
     p.add_argument("--ca", type=Path, help="the federation's CA certificate")
-    p.add_argument("--insecure", action="store_true", help="no TLS (testing only)")
-    p.add_argument("--data-path", help="this hospital's data folder (its whole dataset)")
+    p.add_argument("--insecure", action="store_true",
+                   help="no TLS, no key (only against a server started with --insecure)")
+    p.add_argument("--data-path", type=Path, help="this hospital's data (folder or file)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
     p.add_argument("--max-epsilon", type=float, help="most DP epsilon ever spent on this data")
     p.add_argument("--delta", type=float, help="delta of that ceiling")
     p.add_argument("--ledger-path", type=Path, help="privacy ledger file on this hospital's disk")
+    p.add_argument("--max-retries", type=int, help="give up after this many failed connections")
+    p.add_argument("--max-wait-time", type=float, help="give up after this many seconds away")
     p.add_argument("--port", type=int, help="local ClientApp runtime port (default: a free one)")
-    p.add_argument("--log", type=Path, help="log file (default: <name>-node.log)")
-    p.add_argument("--max-restarts", type=int, help="give up after this many node exits")
+    p.add_argument("--home", type=Path,
+                   help="folder for the node's files and log (default: KIT/node or "
+                        "./medfed-node-NAME)")
+    p.add_argument("--verbose", action="store_true", help="echo Flower's whole log")
     return p.parse_args(argv)
 
 
-def node_config(args: argparse.Namespace) -> str:
-    """The SuperNode's ``--node-config`` string (TOML values)."""
-    values: dict[str, object] = {wire.PARTITION_ID: args.partition_id,
-                                 wire.NUM_PARTITIONS: args.num_partitions,
-                                 wire.HOSPITAL_NAME: args.name}
-    optional = {wire.DATA_PATH: args.data_path and str(Path(args.data_path).resolve()),
-                wire.DEVICE: args.device, wire.MAX_EPSILON: args.max_epsilon,
-                wire.MAX_DELTA: args.delta,
-                wire.LEDGER_PATH: args.ledger_path and str(args.ledger_path.resolve())}
-    values.update({k: v for k, v in optional.items() if v is not None})
-    return " ".join(f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in values.items())
+def _pick(value: object, kit: Kit | None, field: str, flag: str) -> object:
+    if value is not None:
+        return value
+    if kit is None:
+        raise NodeSetupError(f"{flag} is required (or pass --kit DIR)")
+    return getattr(kit, field)
 
 
-def supernode_argv(args: argparse.Namespace) -> list[str]:
-    """``flower-supernode`` command line for this hospital."""
-    binary = str(Path(sys.executable).with_name("flower-supernode"))
-    argv = [binary, "--superlink", args.superlink, "--node-config", node_config(args),
-            "--port", str(args.port or free_port())]  # no --max-retries: retry for ever
-    if args.insecure:
-        return [*argv, "--insecure"]
-    return [*argv, "--root-certificates", str(args.ca.resolve()),
-            "--auth-supernode-private-key", str(args.key.resolve())]
+def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
+    """Hospital settings, link and home folder from the command line (and kit).
 
-
-def run_node(args: argparse.Namespace, log_path: Path) -> int:
-    """Run the SuperNode, restarting it after it exits, until Ctrl-C or too many restarts.
-
-    A SuperNode retries by itself while the server is unreachable; it exits
-    when the server refuses it (for instance while a restarted server has
-    not yet re-registered this hospital's key), so it is started again after
-    a growing pause (5 s up to 60 s).
+    Raises:
+        NodeSetupError: something is missing or wrong; the message says what.
     """
-    restarts, pause = 0, 5.0
+    kit = read_kit(args.kit) if args.kit else None
+    for flag, path in (("--data-path", args.data_path),
+                       ("--ledger-path's folder", args.ledger_path and args.ledger_path.parent)):
+        if path is not None and not path.exists():
+            raise NodeSetupError(f"{flag} {path} does not exist")
+    name = str(_pick(args.name, kit, "name", "--name"))
+    settings = HospitalSettings(
+        name=name,
+        partition_id=int(str(_pick(args.partition_id, kit, "partition_id", "--partition-id"))),
+        num_partitions=int(str(_pick(args.num_partitions, kit, "num_partitions",
+                                     "--num-partitions"))),
+        data_path=args.data_path and str(args.data_path.resolve()),
+        device=args.device, max_epsilon=args.max_epsilon, delta=args.delta,
+        ledger_path=args.ledger_path and str(args.ledger_path.resolve()))
+    superlink = str(_pick(args.superlink, kit, "superlink", "--superlink"))
+    if args.insecure:
+        link = Link(superlink, None, None, args.max_retries, args.max_wait_time)
+    else:
+        link = Link(superlink, args.ca or (kit.ca if kit else None),
+                    args.key or (kit.key if kit else None), args.max_retries, args.max_wait_time)
+        link.check()
+    home = args.home or (kit.folder / "node" if kit else Path(f"medfed-node-{name}"))
+    return settings, link, home.resolve()
+
+
+def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
+    """Echo the node's notable log lines (after ``offset``) until it exits; returns them all."""
+    away, seen = False, []
     while True:
-        node = ManagedProcess(f"hospital {args.name}", supernode_argv(args), log_path)
-        try:
-            node.start()
-            code = node.wait()
-        except KeyboardInterrupt:
-            return 130
-        finally:
-            node.stop()
-        restarts += 1
-        reason = " | ".join(line.strip() for line in node.tail(40).splitlines()
-                            if "code:" in line or "Error" in line)[-300:]
-        if args.max_restarts is not None and restarts > args.max_restarts:
-            print(f"error: the node exited with code {code} ({reason}); see {log_path}",
-                  file=sys.stderr)
-            return code or 1
-        log.warning("[MedFed] %s: node exited with code %d (%s); restarting in %.0f s",
-                    args.name, code, reason or "see the log", pause)
-        try:
-            time.sleep(pause)
-        except KeyboardInterrupt:
-            return 130
-        pause = min(pause * 2, 60.0)
+        code = node.poll()
+        with open(node.log_path, "rb") as handle:
+            handle.seek(offset)
+            chunk = handle.read()
+        offset += len(chunk)
+        for raw in chunk.decode(errors="replace").splitlines():
+            line = ANSI.sub("", raw).strip()
+            seen.append(line)
+            if "Connection attempt failed" in line and not away:
+                log.info("[MedFed] %s: server not reachable; Flower keeps retrying", name)
+                away = True
+            elif verbose or any(mark in line for mark in ECHO):
+                away = away and "Connection successful" not in line
+                if line:
+                    log.info("[MedFed] %s: %s", name, line.removeprefix("INFO :").strip())
+        if code is not None:
+            return "\n".join(seen)
+        time.sleep(0.5)
 
 
 def main(argv: list[str]) -> int:
-    """Check the hospital's files, then run its node; the exit code."""
+    """Check the hospital's files, then run its node until Ctrl-C; the exit code."""
     args = parse(argv)
-    if not args.insecure:
-        for flag, path in (("--key", args.key), ("--ca", args.ca)):
-            if path is None or not path.is_file():
-                print(f"error: {flag} {path} not found (or pass --insecure for tests)",
-                      file=sys.stderr)
-                return 2
-    if args.data_path and not Path(args.data_path).is_dir():
-        print(f"error: --data-path {args.data_path} is not a folder", file=sys.stderr)
+    try:
+        settings, link, home = setup(args)
+    except NodeSetupError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     stop_children_on_signals()
-    log_path = args.log or Path(f"{args.name}-node.log")
-    log.info("[MedFed] %s: node for %s starting; log: %s", args.name, args.superlink, log_path)
-    return run_node(args, log_path)
+    config = write_node_config(settings.node_config(), home / NODE_CONFIG_FILE)
+    node = ManagedProcess(f"hospital {settings.name}", supernode_argv(link, config, port=args.port),
+                          home / "node.log", env={"FLWR_HOME": str(home / "flwr-home")})
+    log.info("[MedFed] %s: node for %s starting (%s); log: %s", settings.name, link.superlink,
+             "INSECURE" if link.ca is None else "TLS, registered key", node.log_path)
+    offset = node.log_path.stat().st_size if node.log_path.exists() else 0
+    try:
+        with running(node):
+            output = follow(node, settings.name, args.verbose, offset)
+    except KeyboardInterrupt:
+        log.info("[MedFed] %s: stopped; the node and its ClientApps were shut down",
+                 settings.name)
+        return 130
+    code = node.poll() or 1
+    reason = refusal(output, settings.name) or "see the log"
+    print(f"error: the node stopped (exit code {code}): {reason}; log: {node.log_path}",
+          file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

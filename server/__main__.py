@@ -1,16 +1,19 @@
-"""The coordinating site: start the SuperLink, register hospitals, run the experiment.
+"""The coordinating site: start the SuperLink, register the hospitals, run the experiment.
 
-    python -m server --certs deploy/server experiment=pneumonia federation.rounds=5
-    python -m server --certs deploy/server --resume run_dir=runs/pneumonia-site
-    python -m server --insecure ...          # no TLS, no authentication (testing only)
+    python -m server --certs deploy/server experiment=pneumonia run_dir=runs/pneumonia
+    python -m server --certs deploy/server --resume run_dir=runs/pneumonia
+    python -m server --insecure ...          # no TLS, no node keys: a local test only
 
-Options before the Hydra overrides: ``--certs DIR`` (the ``server/`` folder
-written by ``python -m server.provision``), ``--host``/``--port`` where the
-SuperLink listens (default 0.0.0.0:9092: open this TCP port to the hospitals),
-``--resume`` (continue the run folder's last completed round), ``--insecure``.
-Hospitals are registered from ``DIR/hospitals/*.pub`` at every start. The
-run shows the same progress and writes the same run folder as
-``simulate.py``; the SuperLink is stopped on exit, errors and Ctrl-C.
+Options come first, then Hydra overrides of ``conf/`` (the same as
+``simulate.py``; ``federation.min_train`` hospitals must connect before a
+round starts). ``--certs DIR`` is the ``server/`` folder written by
+``python -m server.provision init``: the SuperLink runs with TLS and accepts
+only hospitals whose key was registered; every key in ``DIR/hospitals/`` is
+registered before the SuperLink opens its port. ``--host``/``--port`` say
+where it listens (default 0.0.0.0:9092: open this TCP port to the
+hospitals). ``--resume`` continues the run folder's last completed round.
+The run shows the same progress and writes the same run folder as
+``simulate.py``; the SuperLink is stopped on exit, errors, Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ import sys
 from pathlib import Path
 
 from common.compose import compose_settings, finalize, settings_yaml
-from common.config import ConfigError
+from common.config import ConfigError, Settings
 from common.logs import medfed_logger
-from common.processes import running, stop_children_on_signals, wait_for_port
+from common.processes import running, stop_children_on_signals
+from server.registry import RegistrationError, preregister
 from server.runner import RunFailedError, submit_and_follow
 from server.summary_table import print_summary
-from server.superlink import Certificates, connection, register_hospital, superlink_process
+from server.superlink import (
+    CertificateError,
+    Certificates,
+    connection,
+    local_address,
+    superlink_process,
+    wait_until_listening,
+)
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 log = medfed_logger()
@@ -36,60 +47,79 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--certs", type=Path, help="server/ folder from server.provision")
-    parser.add_argument("--insecure", action="store_true", help="no TLS, no node authentication")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no TLS, no node authentication (a local test only)")
     parser.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
     parser.add_argument("--port", type=int, default=9092, help="SuperLink port (TCP)")
     parser.add_argument("--resume", action="store_true", help="continue the run in run_dir")
+    parser.add_argument("--app", type=Path, default=PROJECT_DIR,
+                        help="Flower app folder to submit (default: this MedFed checkout)")
     parser.add_argument("--verbose", action="store_true", help="echo Flower's full log")
     return parser.parse_known_args(argv)
+
+
+def _certificates(args: argparse.Namespace) -> Certificates | None:
+    """The site's certificates (checked), or None for --insecure.
+
+    Raises:
+        CertificateError: neither or both of --certs / --insecure, or bad files.
+    """
+    if args.insecure == (args.certs is not None):
+        raise CertificateError("pass --certs DIR (TLS + registered hospitals) or, for a "
+                               "local test only, --insecure")
+    if args.insecure:
+        log.warning("[MedFed] WARNING: --insecure: traffic is not encrypted and any node can "
+                    "join. Never use this with patient data.")
+        return None
+    certs = Certificates(args.certs.resolve())
+    for warning in certs.check():
+        log.warning("[MedFed] WARNING: %s", warning)
+    return certs
+
+
+def serve(settings: Settings, certs: Certificates | None, args: argparse.Namespace) -> dict:
+    """Register hospitals, start the SuperLink, run the experiment; returns its summary."""
+    run_dir = Path(settings.run_dir)
+    flwr_home = run_dir / "flwr-home"
+    if certs is not None:
+        for line in preregister(certs, run_dir):
+            log.info("[MedFed] hospital %s", line)
+    database = run_dir / "superlink.db" if certs is None else certs.database
+    link = superlink_process(host=args.host, port=args.port, certs=certs, database=database,
+                             log_path=run_dir / "superlink.log", flwr_home=flwr_home)
+    conn = connection(address=local_address(args.host, args.port), certs=certs)
+    with running(link):
+        wait_until_listening(link, conn.address)
+        log.info("[MedFed] SuperLink listening on %s:%d (%s); a round starts once %d "
+                 "hospital(s) are connected", args.host, args.port,
+                 "TLS, registered hospitals only" if certs else "INSECURE",
+                 settings.federation.min_train)
+        return submit_and_follow(settings, conn, project_dir=args.app.resolve(),
+                                 flwr_home=flwr_home, verbose=args.verbose)
 
 
 def main(argv: list[str]) -> int:
     """Command line: options and Hydra overrides in, exit code out."""
     args, overrides = parse(argv)
-    stop_children_on_signals()
-    if args.insecure == (args.certs is not None):
-        print("error: pass --certs DIR (TLS + registered hospitals) or, for tests only, "
-              "--insecure", file=sys.stderr)
-        return 2
     try:
+        certs = _certificates(args)
         settings = finalize(compose_settings(overrides), base=Path.cwd())
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except (CertificateError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     settings.resume = settings.resume or args.resume
-    certs = None if args.insecure else Certificates(args.certs.resolve())
-    if certs is None:
-        log.warning("[MedFed] WARNING: --insecure: traffic is not encrypted and any node can "
-                    "join. Never use this with patient data.")
-    else:
-        try:
-            certs.check()
-        except FileNotFoundError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+    stop_children_on_signals()
     run_dir = Path(settings.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(settings_yaml(settings))
-    flwr_home = run_dir / "flwr-home"
-    local = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
-    conn = connection(address=f"{local}:{args.port}", certs=certs)
     try:
-        with running(superlink_process(host=args.host, port=args.port, certs=certs,
-                                       log_dir=run_dir, flwr_home=flwr_home)) as (link,):
-            wait_for_port(local, args.port, timeout_s=60, proc=link)
-            for key in [] if certs is None else certs.hospital_keys():
-                log.info("[MedFed] hospital %s: %s", key.stem,
-                         register_hospital(key, conn, flwr_home))
-            log.info("[MedFed] SuperLink on %s:%d; waiting for %d hospitals", args.host,
-                     args.port, settings.federation.min_train)
-            summary = submit_and_follow(settings, conn, project_dir=PROJECT_DIR,
-                                        flwr_home=flwr_home, verbose=args.verbose)
-    except (RunFailedError, RuntimeError) as err:
+        summary = serve(settings, certs, args)
+    except (RunFailedError, RegistrationError, RuntimeError, TimeoutError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted; the SuperLink was stopped. Resume with --resume", file=sys.stderr)
+        print(f"interrupted; the SuperLink was stopped. Continue with: python -m server "
+              f"--resume run_dir={run_dir} ...", file=sys.stderr)
         return 130
     print_summary(summary, run_dir=run_dir)
     return 0
