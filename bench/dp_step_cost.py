@@ -5,8 +5,8 @@
 
 For the default classifier (cnn, 28x28) and the default U-Net (unet, 64x64)
 at batch 16 and 32, each configuration (plain / Opacus DP-SGD in hooks mode)
-runs in its own fresh subprocess so peak memories do not mix. Reported: mean
-step time after warm-up, and peak memory of the training step (CPU: peak RSS
+runs in its own fresh subprocess so peak memories do not mix. Reported: median
+step time after warm-up (robust to a busy machine), and peak memory of the training step (CPU: peak RSS
 growth over the process after model and data are built; CUDA: peak
 allocated), then the ratios DP / plain.
 """
@@ -76,7 +76,8 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[st
         if i >= 2:  # warm-up steps excluded
             times.append(time.perf_counter() - started)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb())
-    return {"step_ms": 1000 * sum(times) / len(times), "peak_mb": peak - base_mb}
+    times.sort()
+    return {"step_ms": 1000 * times[len(times) // 2], "peak_mb": peak - base_mb}
 
 
 def main(argv: list[str]) -> int:
@@ -84,7 +85,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "BATCH", "DP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
