@@ -6,9 +6,9 @@
 For the default classifier (cnn, 28x28) and the default U-Net (unet, 64x64)
 at batch 16 and 32, each configuration (plain / Opacus DP-SGD in hooks mode)
 runs in its own fresh subprocess so peak memories do not mix. Reported: median
-step time after warm-up (robust to a busy machine), and peak memory of the training step (CPU: peak RSS
-growth over the process after model and data are built; CUDA: peak
-allocated), then the ratios DP / plain.
+step time after warm-up (robust to a busy machine), and peak memory of
+the training step (CPU: peak RSS growth over the process after model and
+data are built; CUDA: peak allocated), then the ratios DP / plain.
 """
 
 from __future__ import annotations
