@@ -5,8 +5,9 @@
     python -m server --insecure ...          # no TLS, no node keys: a local test only
 
 Options come first, then Hydra overrides of ``conf/`` (the same as
-``simulate.py``; ``federation.min_train`` hospitals must connect before a
-round starts). ``--certs DIR`` is the ``server/`` folder written by
+``simulate.py``). Round 1 starts once ``--wait-for`` hospitals (default
+``federation.num_hospitals``) are connected, or after ``--wait-timeout``
+seconds with those that are. ``--certs DIR`` is the ``server/`` folder written by
 ``python -m server.provision init``: the SuperLink runs with TLS and accepts
 only hospitals whose key was registered; every key in ``DIR/hospitals/`` is
 registered before the SuperLink opens its port. ``--host``/``--port`` say
@@ -26,8 +27,13 @@ from common.compose import compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.logs import medfed_logger
 from common.processes import running, stop_children_on_signals
-from server.registry import RegistrationError, preregister
-from server.runner import RunFailedError, submit_and_follow
+from server.registry import (
+    RegistrationError,
+    load_records,
+    preregister,
+    wait_for_hospitals,
+)
+from server.runner import Connection, RunFailedError, submit_and_follow
 from server.summary_table import print_summary
 from server.superlink import (
     CertificateError,
@@ -52,6 +58,11 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
     parser.add_argument("--port", type=int, default=9092, help="SuperLink port (TCP)")
     parser.add_argument("--resume", action="store_true", help="continue the run in run_dir")
+    parser.add_argument("--wait-for", type=int,
+                        help="hospitals to wait for before round 1 (default: "
+                             "federation.num_hospitals); 0 = start as soon as Flower may")
+    parser.add_argument("--wait-timeout", type=float, default=300,
+                        help="seconds to wait for them; then start with those connected")
     parser.add_argument("--app", type=Path, default=PROJECT_DIR,
                         help="Flower app folder to submit (default: this MedFed checkout)")
     parser.add_argument("--verbose", action="store_true", help="echo Flower's full log")
@@ -77,6 +88,20 @@ def _certificates(args: argparse.Namespace) -> Certificates | None:
     return certs
 
 
+def wait_for_round_1(settings: Settings, certs: Certificates | None, conn: Connection,
+                     flwr_home: Path, args: argparse.Namespace) -> None:
+    """Wait for ``--wait-for`` hospitals (up to ``--wait-timeout`` s), naming who is there."""
+    wanted = settings.federation.num_hospitals if args.wait_for is None else args.wait_for
+    if wanted <= 0:
+        return
+    names = {} if certs is None else {r["node-id"]: n for n, r in load_records(certs).items()}
+    online = wait_for_hospitals(conn, flwr_home, count=wanted, timeout_s=args.wait_timeout,
+                                names=names)
+    if len(online) < wanted:
+        log.warning("[MedFed] starting with %d of %d hospitals; a round needs %d "
+                    "(federation.min_train)", len(online), wanted, settings.federation.min_train)
+
+
 def serve(settings: Settings, certs: Certificates | None, args: argparse.Namespace) -> dict:
     """Register hospitals, start the SuperLink, run the experiment; returns its summary."""
     run_dir = Path(settings.run_dir)
@@ -90,10 +115,9 @@ def serve(settings: Settings, certs: Certificates | None, args: argparse.Namespa
     conn = connection(address=local_address(args.host, args.port), certs=certs)
     with running(link):
         wait_until_listening(link, conn.address)
-        log.info("[MedFed] SuperLink listening on %s:%d (%s); a round starts once %d "
-                 "hospital(s) are connected", args.host, args.port,
-                 "TLS, registered hospitals only" if certs else "INSECURE",
-                 settings.federation.min_train)
+        log.info("[MedFed] SuperLink listening on %s:%d (%s)", args.host, args.port,
+                 "TLS, registered hospitals only" if certs else "INSECURE")
+        wait_for_round_1(settings, certs, conn, flwr_home, args)
         return submit_and_follow(settings, conn, project_dir=args.app.resolve(),
                                  flwr_home=flwr_home, verbose=args.verbose)
 

@@ -26,9 +26,11 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from common.logs import medfed_logger
 from common.processes import running
 from server.runner import Connection, flwr_bin, flwr_env, write_flwr_config
 from server.superlink import (
@@ -42,6 +44,8 @@ REGISTERED_FILE = "registered.json"
 KEY_IN_USE = "[code: 23]"
 """Flower's answer when a public key is registered already."""
 CLI_TIMEOUT_S = 120
+
+log = medfed_logger()
 
 
 class RegistrationError(RuntimeError):
@@ -199,6 +203,35 @@ def preregister(certs: Certificates, log_dir: Path) -> list[str]:
     with running(link):
         wait_until_listening(link, conn.address)
         return register_all(certs, conn, flwr_home)
+
+
+def wait_for_hospitals(conn: Connection, flwr_home: Path, *, count: int, timeout_s: float,
+                       names: dict[str, str] | None = None) -> list[str]:
+    """Wait until ``count`` hospitals are online, or ``timeout_s`` has passed.
+
+    Args:
+        conn: the running SuperLink.
+        flwr_home: Flower CLI home.
+        count: hospitals to wait for.
+        timeout_s: the longest wait.
+        names: node ID -> hospital name, for the progress lines.
+
+    Returns:
+        The online hospitals' names (node IDs where the name is unknown).
+    """
+    names = names or {}
+    deadline = time.monotonic() + timeout_s
+    online: list[str] = []
+    while True:
+        now = sorted(names.get(n["node-id"], f"node {n['node-id']}")
+                     for n in list_nodes(conn, flwr_home) if n["status"] == "online")
+        if now != online:
+            log.info("[MedFed] hospitals connected: %d/%d (%s)", len(now), count,
+                     ", ".join(now) or "none yet")
+            online = now
+        if len(online) >= count or time.monotonic() >= deadline:
+            return online
+        time.sleep(2)
 
 
 def remove(certs: Certificates, name: str, conn: Connection, flwr_home: Path) -> str:

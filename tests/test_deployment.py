@@ -1,8 +1,16 @@
-"""Deployment end to end on loopback: real server and hospital processes, TLS, registered keys."""
+"""Deployment end to end on loopback: a real server and hospital processes, TLS, registered keys.
+
+Every process is started through :class:`~common.processes.ManagedProcess`
+and stopped by PID (with its descendants) in the fixture, also on failure.
+Hospitals are started before the server: they wait for it (Flower's own
+retry) and keep running across a server restart.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -10,139 +18,281 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from common.processes import ManagedProcess, free_port
-from server.provision import provision
+from server.provision import init
+from server.registry import flwr_json, list_nodes, register_all, remove
+from server.runner import Connection
+from server.superlink import Certificates, connection, superlink_process, wait_until_listening
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["data.samples_per_hospital=48", "model.channels=[8,16]", "data.batch_size=16"]
+HOSPITALS = ["site-a", "site-b", "site-c"]
+SMALL = ["data.samples_per_hospital=40", "model.channels=[8,16]", "data.batch_size=16",
+         "federation.num_hospitals=3"]
 
 
 class Federation:
-    """A provisioned federation on loopback whose processes the test starts and stops."""
+    """A provisioned federation on loopback whose processes a test starts and stops."""
 
-    def __init__(self, root: Path, hospitals: list[str]) -> None:
+    def __init__(self, root: Path) -> None:
         self.root, self.port = root, free_port()
-        self.hospitals = hospitals
-        provision(root / "deploy", hosts=["localhost", "127.0.0.1"], hospitals=hospitals,
-                  server_address=f"127.0.0.1:{self.port}")
+        self.deploy = root / "deploy"
+        init(self.deploy, server_address=f"127.0.0.1:{self.port}", hospitals=HOSPITALS)
+        self.certs = Certificates(self.deploy / "server")
         self.run_dir = root / "run"
         self.started: list[ManagedProcess] = []
 
-    def server(self, *overrides: str, resume: bool = False, insecure: bool = False
-               ) -> ManagedProcess:
-        argv = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(self.port)]
-        argv += ["--insecure"] if insecure else ["--certs", str(self.root / "deploy" / "server")]
-        argv += ["--resume"] if resume else []
-        argv += [f"run_dir={self.run_dir}", *SMALL, *overrides]
-        return self._start("server", argv)
-
-    def hospital(self, index: int, *, name: str | None = None, insecure: bool = False,
-                 kit: str | None = None) -> ManagedProcess:
-        name = name or self.hospitals[index]
-        folder = self.root / "deploy" / "hospitals" / (kit or name)
-        argv = [sys.executable, "-m", "client", "--superlink", f"127.0.0.1:{self.port}",
-                "--name", name, "--partition-id", str(index), "--num-partitions", "3",
-                "--log", str(self.root / f"{name}-node.log")]
-        if insecure:
-            argv += ["--insecure", "--max-restarts", "0"]
-        else:
-            argv += ["--key", str(folder / f"{kit or name}.key"), "--ca", str(folder / "ca.crt")]
-        return self._start(name, argv)
-
-    def _start(self, name: str, argv: list[str]) -> ManagedProcess:
+    def start(self, name: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.root / f"{name}.out", cwd=ROOT).start()
         self.started.append(proc)
         return proc
 
+    def server(self, *overrides: str, resume: bool = False, app: Path | None = None,
+               wait_for: int = 3) -> ManagedProcess:
+        argv = [sys.executable, "-m", "server", "--certs", str(self.certs.folder),
+                "--host", "127.0.0.1", "--port", str(self.port), "--wait-for", str(wait_for)]
+        argv += ["--resume"] if resume else []
+        argv += ["--app", str(app)] if app else []
+        return self.start("server", [*argv, f"run_dir={self.run_dir}", *SMALL, *overrides])
+
+    def hospital(self, label: str, *extra: str, kit: Path | None = None) -> ManagedProcess:
+        """``python -m client`` with a startup folder (default: the one named ``label``)."""
+        kit = kit or self.deploy / "hospitals" / label
+        return self.start(label, [sys.executable, "-m", "client", "--kit", str(kit),
+                                  "--home", str(self.root / f"home-{label}"), *extra])
+
     def rows(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [json.loads(line) for line in lines if line.strip()]
 
-    def wait_round(self, round_: int, timeout_s: float) -> None:
+    def rounds_done(self) -> list[int]:
+        return [r["round"] for r in self.rows() if r["phase"] == "round"]
+
+    def wait_round(self, round_: int, server: ManagedProcess, timeout_s: float = 150) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if any(r["phase"] == "round" and r["round"] >= round_ for r in self.rows()):
+            if round_ in self.rounds_done():
                 return
-            time.sleep(1)
-        raise TimeoutError(f"round {round_} not reached in {timeout_s} s")
+            assert server.poll() is None, f"server exited early:\n{server.tail(40)}"
+            time.sleep(0.5)
+        raise TimeoutError(f"round {round_} not done in {timeout_s} s:\n{server.tail(20)}")
 
     def summary(self) -> dict:
-        return json.loads((self.run_dir / "summary.json").read_text())
+        result: dict = json.loads((self.run_dir / "summary.json").read_text())
+        return result
 
     def stop(self) -> None:
         for proc in reversed(self.started):
-            proc.stop()
+            proc.stop(grace_s=5)
+
+
+def output(proc: ManagedProcess) -> str:
+    return proc.log_path.read_text(errors="replace")
+
+
+def crash(proc: ManagedProcess) -> None:
+    """SIGKILL a process and its descendants by PID: no goodbye to the server."""
+    root = psutil.Process(proc.pid)
+    for victim in [*root.children(recursive=True), root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            victim.kill()
+    proc.wait(timeout_s=10)
 
 
 @pytest.fixture
 def federation(tmp_path: Path) -> Iterator[Federation]:
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    fed = Federation(tmp_path, ["site-a", "site-b", "site-c"])
+    fed = Federation(tmp_path)
     try:
         yield fed
     finally:
         fed.stop()
-        left = {p.pid for p in psutil.Process().children(recursive=True)} - before
+        time.sleep(0.5)
+        left = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+                    left.append(proc.info["pid"])
         assert not left, f"processes left running: {left}"
 
 
-def _output(proc: ManagedProcess) -> str:
-    return proc.log_path.read_text(errors="replace")
+def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federation) -> None:
+    """TLS on: plain-text CLI and nodes get nowhere. Auth on: only registered keys join;
+    a removed key is shut out at once."""
+    fed, certs = federation, federation.certs
+    home = fed.root / "cli-home"
+    link = superlink_process(host="127.0.0.1", port=fed.port, certs=certs,
+                             database=certs.database, log_path=fed.root / "superlink.log",
+                             flwr_home=fed.root / "link-home")
+    fed.started.append(link.start())
+    conn = connection(address=f"127.0.0.1:{fed.port}", certs=certs)
+    wait_until_listening(link, conn.address)
+    assert register_all(certs, conn, home, ["site-a"])[0].startswith("site-a: registered")
+
+    plain_cli = flwr_json(["supernode", "list"], Connection("plain", conn.address), home)
+    assert not plain_cli["success"]
+    plain = fed.hospital("plain", "--insecure", "--max-retries", "2",
+                         kit=fed.deploy / "hospitals" / "site-a")
+    stranger = fed.hospital("site-b")  # provisioned, but its key is not registered
+    other = fed.root / "other"
+    init(other, server_address=conn.address, hospitals=["intruder"])
+    wrong_ca = fed.hospital("intruder", kit=other / "hospitals" / "intruder")
+    member = fed.hospital("site-a")
+
+    assert plain.wait(timeout_s=90) != 0
+    assert "gave up reaching the server" in output(plain)
+    assert stranger.wait(timeout_s=90) != 0
+    assert "refused this hospital's key: it is not registered" in output(stranger)
+    assert "Failed to activate SuperNode" in (fed.root / "home-site-b" / "node.log").read_text()
+    assert wrong_ca.wait(timeout_s=90) != 0
+    assert "TLS failed" in output(wrong_ca)
+
+    site_a = json.loads((certs.state / "registered.json").read_text())["site-a"]["node-id"]
+    deadline = time.monotonic() + 60
+    while not any(n["node-id"] == site_a and n["status"] == "online"
+                  for n in list_nodes(conn, home)):
+        assert time.monotonic() < deadline and member.poll() is None, output(member)
+        time.sleep(1)
+    assert len(list_nodes(conn, home)) == 1  # nobody else got in
+
+    assert "unregistered" in remove(certs, "site-a", conn, home)
+    assert member.wait(timeout_s=60) != 0
+    assert "its key was unregistered" in output(member)
+    assert (certs.folder / "hospitals" / "removed" / "site-a.pub").exists()
 
 
-def test_tls_auth_three_hospitals_and_a_stranger(federation: Federation) -> None:
-    """Three registered hospitals train 2 rounds over TLS; an unregistered key and a
-    plain-text node are refused, and the run is unaffected."""
-    server = federation.server("federation.rounds=2", "federation.min_train=3")
-    for i in range(3):
-        federation.hospital(i)
-    # a stranger: it trusts the federation's CA but its key was never registered
-    provision(federation.root / "other", hosts=["localhost"], hospitals=["intruder"],
-              server_address="x")
-    stranger_kit = federation.root / "other" / "hospitals" / "intruder"
-    stranger = ManagedProcess("intruder", [
-        sys.executable, "-m", "client", "--superlink", f"127.0.0.1:{federation.port}",
-        "--name", "intruder", "--partition-id", "0", "--num-partitions", "3",
-        "--key", str(stranger_kit / "intruder.key"),
-        "--ca", str(federation.root / "deploy" / "server" / "ca.crt"),
-        "--max-restarts", "0", "--log", str(federation.root / "intruder-node.log")],
-        federation.root / "intruder.out", cwd=ROOT).start()
-    federation.started.append(stranger)
-    plain = federation.hospital(0, name="plaintext", insecure=True)
-    assert server.wait(timeout_s=400) == 0, _output(server)[-3000:]
-    summary = federation.summary()
+def test_three_hospitals_train_over_tls_and_a_stranger_is_refused(
+        federation: Federation) -> None:
+    """Three registered hospitals (started before the server) train 2 rounds; a node whose
+    key was never registered is refused and the run does not notice."""
+    fed = federation
+    for name in HOSPITALS:
+        fed.hospital(name)
+    other = fed.root / "other"
+    init(other, server_address=f"127.0.0.1:{fed.port}", hospitals=["intruder"])
+    stranger = fed.hospital("intruder", "--ca", str(fed.certs.ca),
+                            kit=other / "hospitals" / "intruder")
+    server = fed.server("federation.rounds=2", "federation.min_train=3",
+                        "federation.min_evaluate=3")
+    assert server.wait(timeout_s=300) == 0, output(server)[-3000:]
+    summary = fed.summary()
     assert summary["rounds"] == 2
     assert set(summary["hospitals"]) == {"hospital-0", "hospital-1", "hospital-2"}
     assert all(0 <= m["auc"] <= 1 for m in summary["hospitals"].values())
-    # the stranger's key was refused by SuperNode authentication
-    assert stranger.wait(timeout_s=60) != 0
-    assert "Failed to activate SuperNode" in (federation.root / "intruder-node.log").read_text()
-    # the plain-text node never got through TLS
-    plain.stop()
-    assert "SuperNode ID" not in (federation.root / "plaintext-node.log").read_text()
+    assert fed.rounds_done() == [1, 2]
+    assert not [r for r in fed.rows() if "error" in r]  # every reply was sound
+    assert stranger.wait(timeout_s=30) != 0
+    assert "refused this hospital's key" in output(stranger)
+    assert "registered as node" in output(server)
 
 
-def test_hospital_killed_mid_run_and_server_resumed(federation: Federation) -> None:
-    """A hospital dies in round 2; the run goes on with two. The server is then stopped
-    and resumed from its checkpoint: round numbers continue, not restart."""
-    server = federation.server("federation.rounds=4", "federation.min_train=2",
-                               "federation.min_evaluate=2")
-    nodes = [federation.hospital(i) for i in range(3)]
-    federation.wait_round(1, timeout_s=300)
-    nodes[2].stop()  # hospital site-c dies (its node and ClientApps, by PID)
-    federation.wait_round(2, timeout_s=300)
-    server.stop()  # the coordinating site goes down after round 2
-    done = max(r["round"] for r in federation.rows() if r["phase"] == "round")
-    assert 2 <= done < 4
-    resumed = federation.server("federation.rounds=4", "federation.min_train=2",
-                                "federation.min_evaluate=2", resume=True)
-    assert resumed.wait(timeout_s=400) == 0, _output(resumed)[-3000:]
-    rounds = [r["round"] for r in federation.rows() if r["phase"] == "round"]
-    assert rounds == list(range(1, 5)), rounds
-    assert federation.summary()["rounds"] == 4
-    assert "resuming after round" in _output(resumed)
+def test_a_hospital_crashes_and_the_server_restarts(federation: Federation) -> None:
+    """site-c is SIGKILLed while it trains in round 1: the round completes with the other
+    two (min_train=2) once Flower misses its heartbeat. The server is then stopped and
+    resumed from its checkpoint: it runs round 2, not round 1 again, and the hospitals,
+    never restarted, reconnect by themselves."""
+    fed = federation
+    plan = ["federation.rounds=2", "federation.min_train=2", "federation.fraction_evaluate=0"]
+    nodes = {name: fed.hospital(name) for name in HOSPITALS}
+    server = fed.server(*plan)
+    node_log = fed.root / "home-site-c" / "node.log"
+    deadline = time.monotonic() + 120
+    while "Receiving: train message" not in (node_log.read_text() if node_log.exists() else ""):
+        assert time.monotonic() < deadline and server.poll() is None, output(server)
+        time.sleep(0.2)
+    crash(nodes["site-c"])
+    fed.wait_round(1, server, timeout_s=200)
+    server.stop()  # the coordinating site goes down after round 1
+    assert fed.rounds_done() == [1]
+    round_1 = [r for r in fed.rows() if r["phase"] == "train"]
+    assert {r["hospital"] for r in round_1 if "error" not in r} == {
+        "hospital-0", "hospital-1", "overall"}
+    assert any("heartbeat" in r.get("error", "") for r in round_1)  # Flower noticed the crash
+
+    resumed = fed.server(*plan, resume=True, wait_for=2)
+    assert resumed.wait(timeout_s=200) == 0, output(resumed)[-3000:]
+    assert "resuming after round 1 of 2" in output(resumed)
+    assert fed.rounds_done() == [1, 2]
+    assert [r["round"] for r in fed.rows() if r["phase"] == "train" and
+            r["hospital"] == "overall"] == [1, 2]
+    assert fed.summary()["rounds"] == 2
+    assert nodes["site-a"].poll() is None and nodes["site-b"].poll() is None
+
+
+FAULTY_APP = '''"""MedFed's ClientApp at three hospitals, two of them misbehaving."""
+import torch
+from flwr.app import Array, ArrayRecord
+
+from client import app as medfed
+from client.guard import only_weights_mod
+from flwr.clientapp import ClientApp
+
+
+def _partition(context):
+    return int(context.node_config["partition-id"])
+
+
+def leak_past_the_guard(msg, context, call_next):
+    """Hospital 1 was modified to add an array after its guard: the server must drop it."""
+    reply = call_next(msg, context)
+    if _partition(context) == 1 and not reply.has_error():
+        reply.content["arrays"]["stolen.patient.pixels"] = Array(torch.rand(28, 28))
+    return reply
+
+
+app = ClientApp(mods=[leak_past_the_guard, only_weights_mod])
+
+
+@app.train()
+def train(msg, context):
+    reply = medfed.train(msg, context)
+    if _partition(context) == 0:  # NaN weights: the guard refuses them at the hospital
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        first = next(iter(arrays))
+        arrays[first] = torch.full_like(arrays[first], float("nan"))
+        reply.content["arrays"] = ArrayRecord(arrays)
+    return reply
+
+
+app.evaluate()(medfed.evaluate)
+'''
+
+
+def faulty_project(root: Path) -> Path:
+    """A copy of this Flower app whose ClientApp is :data:`FAULTY_APP`."""
+    project = root / "faultyapp"
+    for package in ("common", "server", "client"):
+        shutil.copytree(ROOT / package, project / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "faulty_app.py").write_text(FAULTY_APP)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pyproject = pyproject.replace('clientapp = "client.app:app"', 'clientapp = "faulty_app:app"')
+    pyproject = pyproject.replace('fab-include = [', 'fab-include = ["faulty_app.py", ')
+    (project / "pyproject.toml").write_text(pyproject)
+    return project
+
+
+def test_bad_replies_never_reach_the_aggregate(federation: Federation) -> None:
+    """NaN weights are refused at the hospital by the guard; an array added past the guard
+    is dropped by the server; only the sound hospital is averaged in."""
+    fed = federation
+    nodes = {name: fed.hospital(name) for name in HOSPITALS}
+    server = fed.server("federation.rounds=1", "federation.min_train=1",
+                        "federation.fraction_evaluate=0", app=faulty_project(fed.root))
+    assert server.wait(timeout_s=240) == 0, output(server)[-3000:]
+    node = {name: f"node {r['node-id']}" for name, r in
+            json.loads((fed.certs.state / "registered.json").read_text()).items()}
+    errors = {r["hospital"]: r["error"] for r in fed.rows() if "error" in r}
+    assert "refused by the hospital's guard" in errors[node["site-a"]]
+    assert "non-finite" in errors[node["site-a"]]
+    assert "reply dropped" in errors[node["site-b"]]
+    assert "stolen.patient.pixels" in errors[node["site-b"]]
+    trained = {r["hospital"] for r in fed.rows() if r["phase"] == "train" and "error" not in r}
+    assert trained == {"hospital-2", "overall"}
+    final = torch.load(fed.run_dir / "final_model.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert "outgoing reply refused" in (fed.root / "home-site-a" / "node.log").read_text()
+    assert all(node.poll() is None for node in nodes.values())
