@@ -59,7 +59,8 @@ def _reset_peak_rss() -> float:
     return _status_mb("VmRSS")
 
 
-def _setup(name: str, batch: int, dp: bool, device: str, batches: int) -> tuple[Any, ...]:
+def _setup(name: str, batch: int, dp: bool, device: str, batches: int,
+           physical: int | None = None) -> tuple[Any, ...]:
     """Model, optimizer, loader and loss for one configuration (DP: a started round)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
@@ -84,18 +85,22 @@ def _setup(name: str, batch: int, dp: bool, device: str, batches: int) -> tuple[
         dp_round = start_dp_round(
             model=model, optimizer=optimizer, loader=loader,
             privacy=PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, accountant="rdp"),
-            planned_epochs=1, round_epochs=1, history=None, ceiling_epsilon=None, ledger=None)
+            planned_epochs=1, round_epochs=1, history=None, ceiling_epsilon=None, ledger=None,
+            max_physical_batch=physical)
         model, optimizer, loader = dp_round.model, dp_round.optimizer, dp_round.loader
     return model, optimizer, loader, make_loss(task), dp_round
 
 
-def measure(name: str, batch: int, dp: bool, device: str, steps: int,
-            warmup: int) -> dict[str, float]:
-    """Time ``steps`` training steps after ``warmup`` (run in a fresh process)."""
+def measure(name: str, batch: int, dp: bool, device: str, steps: int, warmup: int,
+            physical: int | None = None) -> dict[str, float]:
+    """Time ``steps`` optimizer steps after ``warmup`` (run in a fresh process).
+
+    With ``physical``, a DP step is the sum of its chunks' passes.
+    """
     import torch
 
-    model, optimizer, loader, criterion, dp_round = _setup(name, batch, dp, device,
-                                                           batches=steps + warmup + 2)
+    model, optimizer, loader, criterion, dp_round = _setup(
+        name, batch, dp, device, batches=steps + warmup + 2, physical=physical)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
 
@@ -105,12 +110,12 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int,
         return time.perf_counter()
 
     phases: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
-    samples = []
-    batches = iter(loader)
+    current = {key: 0.0 for key in phases}
+    samples: list[int] = []
+    seen, done, base = 0, 0, 0.0
     model.train()
-    base = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:  # one-time costs (allocator, thread pools) stay out of the peak
+    for xb, yb in loader:
+        if done == warmup and seen == 0:  # one-time costs stay out of the peak
             optimizer.zero_grad(set_to_none=True)  # no gradients held in the base
             gc.collect()
             if cuda:
@@ -118,7 +123,6 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int,
                 base = torch.cuda.memory_allocated() / 2**20
             else:
                 base = _reset_peak_rss()
-        xb, yb = next(batches)
         xb, yb = xb.to(dev), yb.to(dev)
         t0 = sync()
         optimizer.zero_grad(set_to_none=True)
@@ -128,10 +132,19 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int,
         t2 = sync()
         optimizer.step()
         t3 = sync()
-        if i >= warmup:
-            for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                phases[key].append(1000 * seconds)
-            samples.append(xb.shape[0])
+        for key, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+            current[key] += 1000 * seconds
+        seen += xb.shape[0]
+        if dp and optimizer._is_last_step_skipped:  # a chunk; the step comes later
+            continue
+        if done >= warmup:
+            for key in phases:
+                phases[key].append(current[key])
+            samples.append(seen)
+        current = {key: 0.0 for key in phases}
+        seen, done = 0, done + 1
+        if done == warmup + steps:
+            break
     peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda else _status_mb("VmHWM")) - base
     if dp_round is not None:
         dp_round.finish()
@@ -167,9 +180,12 @@ def profile(name: str, batch: int, device: str) -> None:
     dp_round.finish()
 
 
-def _run_one(args: argparse.Namespace, name: str, batch: int, dp: bool) -> dict[str, float]:
+def _run_one(args: argparse.Namespace, name: str, batch: int, dp: int) -> dict[str, float]:
+    """One configuration in a fresh process: dp 0 = plain, 1 = DP, 2 = DP in chunks."""
     cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--one", name, str(batch), "1" if dp else "0"]
+           "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--physical", str(args.physical if dp == 2 else 0),
+           "--one", name, str(batch), str(min(dp, 1))]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
@@ -187,20 +203,27 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeat", type=int, default=2,
                         help="fresh runs per configuration, plain and DP interleaved; the "
                              "fastest is kept (robust to other load on the machine)")
+    parser.add_argument("--physical", type=int, default=0,
+                        help="also run DP with Poisson batches cut into chunks of this many "
+                             "samples (max_physical_batch; 0 = no such row)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0 = torch's default: one per core)")
     parser.add_argument("--profile", nargs=2, metavar=("MODEL", "BATCH"))
     parser.add_argument("--one", nargs=3, metavar=("MODEL", "BATCH", "DP"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.one:
         name, batch, dp = args.one
         print(json.dumps(measure(name, int(batch), dp == "1", args.device, args.steps,
-                                 args.warmup)))
+                                 args.warmup, physical=args.physical or None)))
         return 0
     if args.profile:
         profile(args.profile[0], int(args.profile[1]), args.device)
         return 0
-    import torch
-
     print(f"device {args.device} (torch {torch.__version__}, {torch.get_num_threads()} threads); "
           f"{args.steps} timed steps after {args.warmup} warm-up, best of {args.repeat} fresh "
           "runs; DP = Opacus hooks mode, Poisson sampling at the same expected batch size; "
@@ -211,17 +234,21 @@ def main(argv: list[str]) -> int:
     print("-" * len(head))
     for name in CASES:
         for batch in BATCHES:
-            runs: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+            modes = (0, 1, 2) if args.physical else (0, 1)
+            runs: dict[int, list[dict[str, float]]] = {m: [] for m in modes}
             for _ in range(args.repeat):
-                for dp in (False, True):
-                    runs[dp].append(_run_one(args, name, batch, dp=dp))
-            plain, private = (min(runs[dp], key=lambda r: r["step_ms"]) for dp in (False, True))
-            for mode, r in (("plain", plain), ("DP", private)):
-                ratios = ""
-                if mode == "DP":
-                    ratios = (f" {r['step_ms'] / plain['step_ms']:>7.2f}"
-                              f" {r['peak_mb'] / max(plain['peak_mb'], 1e-6):>6.2f}")
-                print(f"{name:<5} {batch:>5} {mode:<5} {r['mean_batch']:>7.1f} "
+                for mode in modes:
+                    runs[mode].append(_run_one(args, name, batch, dp=mode))
+            best = {m: min(runs[m], key=lambda r: r["step_ms"]) for m in modes}
+            plain = best[0]
+            for mode, label in ((0, "plain"), (1, "DP"), (2, f"DP/{args.physical}")):
+                if mode not in best:
+                    continue
+                r = best[mode]
+                time_x = r["step_ms"] / plain["step_ms"]
+                mem_x = r["peak_mb"] / max(plain["peak_mb"], 1e-6)
+                ratios = "" if mode == 0 else f" {time_x:>7.2f} {mem_x:>6.2f}"
+                print(f"{name:<5} {batch:>5} {label:<5} {r['mean_batch']:>7.1f} "
                       f"{r['step_ms']:>8.1f} {r['forward']:>7.1f} {r['backward']:>7.1f} "
                       f"{r['step']:>7.1f} {r['peak_mb']:>8.1f}{ratios}")
     return 0

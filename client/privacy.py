@@ -23,7 +23,11 @@ empty batch to the caller: it takes the noise-only optimizer step itself
 other step) and draws the next batch. The caller's loop needs no special
 case. It must, however, call ``optimizer.step()`` exactly once per batch it
 draws and draw at most ``round_epochs`` epochs; otherwise
-:class:`DPUsageError` is raised before anything else is trained.
+:class:`DPUsageError` is raised before anything else is trained. With
+``max_physical_batch`` a large batch arrives in chunks, still one step each
+(see :mod:`client.poisson_loader`). The loss must be a mean over samples of
+per-sample losses (cross-entropy, MONAI's Dice with ``batch=False``): a loss
+that mixes samples breaks per-sample clipping.
 
 What the numbers mean: see :class:`PrivacyReport` and :mod:`client.accounting`.
 """
@@ -109,7 +113,7 @@ class DPRound:
 
     def __init__(self, *, model: nn.Module, engine: PrivacyEngine, hooks: Any,
                  optimizer: DPOptimizer, loader: DPDataLoader, privacy: PrivacyConfig,
-                 state: DPState, spend: Spend, max_steps: int,
+                 state: DPState, spend: Spend, max_steps: int, max_physical: int | None,
                  ledger: PrivacyLedger | None, reservation: Reservation | None) -> None:
         self.model, self.optimizer, self._engine, self._hooks = model, optimizer, engine, hooks
         self._privacy, self._state, self._spend = privacy, state, spend
@@ -130,8 +134,8 @@ class DPRound:
             self._progress.steps += 1
 
         optimizer.attach_step_hook(count_step)
-        self.loader = GuardedLoader(loader, self._progress, limit=max_steps,
-                                    noise_step=self._noise_only_step)
+        self.loader = GuardedLoader(loader, self._progress, optimizer=optimizer, limit=max_steps,
+                                    max_physical=max_physical, noise_step=self._noise_only_step)
 
     def _noise_only_step(self) -> None:
         """The step of an empty batch: the noised sum of no gradients, accounted."""
@@ -185,7 +189,7 @@ class DPRound:
             raise DPUsageError("this DP round is already finished or aborted")
         this_round: Mechanism = (self.noise_multiplier, self.sample_rate, self._progress.steps)
         expected = canonical([*self._spend.run, this_round])
-        if self._progress.steps != self._progress.drawn \
+        if self._progress.steps != self._progress.drawn or self.optimizer._step_skip_queue \
                 or canonical(self._engine.accountant.history) != expected:
             self.abort()
             raise DPUsageError(
@@ -215,7 +219,7 @@ class DPRound:
 
 def _check_args(*, privacy: PrivacyConfig, optimizer: torch.optim.Optimizer, loader: DataLoader,
                 planned_epochs: int, round_epochs: int, ceiling_epsilon: float | None,
-                ceiling_delta: float | None) -> None:
+                ceiling_delta: float | None, max_physical_batch: int | None) -> None:
     if not isinstance(privacy, PrivacyConfig) or privacy.mode != "dp_sgd":
         raise ValueError(f"privacy must be a PrivacyConfig with mode='dp_sgd', got {privacy!r}")
     for key, value in (("planned_epochs", planned_epochs), ("round_epochs", round_epochs)):
@@ -227,6 +231,11 @@ def _check_args(*, privacy: PrivacyConfig, optimizer: torch.optim.Optimizer, loa
         raise ValueError(f"ceiling_epsilon={ceiling_epsilon!r} must be > 0 (or None)")
     if ceiling_delta is not None and not 0 < ceiling_delta < 1:
         raise ValueError(f"ceiling_delta={ceiling_delta!r} must lie in (0, 1) (or None)")
+    if max_physical_batch is not None and (isinstance(max_physical_batch, bool)
+                                           or not isinstance(max_physical_batch, int)
+                                           or max_physical_batch < 1):
+        raise ValueError(f"max_physical_batch={max_physical_batch!r} must be an integer >= 1 "
+                         "(or None)")
     if isinstance(optimizer, DPOptimizer):
         raise ValueError("optimizer is already a DPOptimizer: pass the plain torch optimizer")
     if not isinstance(loader, DataLoader) or isinstance(loader, DPDataLoader):
@@ -272,7 +281,8 @@ def _make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader:
 def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                    privacy: PrivacyConfig, planned_epochs: int, round_epochs: int,
                    history: dict[str, Any] | None, ceiling_epsilon: float | None,
-                   ledger: PrivacyLedger | None, ceiling_delta: float | None = None) -> DPRound:
+                   ledger: PrivacyLedger | None, ceiling_delta: float | None = None,
+                   max_physical_batch: int | None = None) -> DPRound:
     """Check the budget, then make ``model`` private for one round of DP-SGD.
 
     Args:
@@ -295,6 +305,10 @@ def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
         ledger: the hospital's ledger for this data and run; None = account
             this run only (simulations without a ledger, tests).
         ceiling_delta: the delta of ``ceiling_epsilon``; None = ``privacy.delta``.
+        max_physical_batch: bound on the samples per forward/backward pass:
+            larger Poisson batches come in chunks, one ``optimizer.step()``
+            each, the privacy step taken after the last (bounds memory, same
+            privacy); None = whole batches.
 
     Returns:
         The round, already recorded as reserved in the ledger.
@@ -308,7 +322,7 @@ def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
     """
     _check_args(privacy=privacy, optimizer=optimizer, loader=loader, planned_epochs=planned_epochs,
                 round_epochs=round_epochs, ceiling_epsilon=ceiling_epsilon,
-                ceiling_delta=ceiling_delta)
+                ceiling_delta=ceiling_delta, max_physical_batch=max_physical_batch)
     state = _state_for(history, ledger)
     check_dp_model(model, sample_shape=tuple(first_tensor(loader.dataset[0]).shape))
     sample_rate = 1 / len(loader)
@@ -342,4 +356,5 @@ def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
              sigma, sample_rate, planned[2], privacy.max_grad_norm)
     return DPRound(model=model, engine=engine, hooks=hooks, optimizer=dp_optimizer,
                    loader=dp_loader, privacy=privacy, state=state, spend=spend,
-                   max_steps=planned[2], ledger=ledger, reservation=reservation)
+                   max_steps=planned[2], max_physical=max_physical_batch, ledger=ledger,
+                   reservation=reservation)

@@ -52,7 +52,7 @@ def train(dp: DPRound, *, epochs: int = 1) -> int:
 
 def start(privacy: PrivacyConfig, history: State | None, *, ledger: PrivacyLedger | None = None,
           ceiling: float | None = None, planned_epochs: int = 4, n: int = 64,
-          batch: int = 16) -> DPRound:
+          batch: int = 16, max_physical_batch: int | None = None) -> DPRound:
     """Start a round as a fresh process would: new model, optimizer and PrivacyEngine."""
     model = build_model(TASK, MODEL, seed=0)
     return start_dp_round(
@@ -60,7 +60,7 @@ def start(privacy: PrivacyConfig, history: State | None, *, ledger: PrivacyLedge
         loader=DataLoader(dataset(n), batch_size=batch), privacy=privacy,
         planned_epochs=planned_epochs, round_epochs=1,
         history=None if history is None else json.loads(json.dumps(history)),
-        ceiling_epsilon=ceiling, ledger=ledger)
+        ceiling_epsilon=ceiling, ledger=ledger, max_physical_batch=max_physical_batch)
 
 
 def one_round(privacy: PrivacyConfig, history: State | None, **kwargs: Any
@@ -181,6 +181,26 @@ def test_a_batch_drawn_but_not_stepped_is_refused() -> None:
         dp.finish()
 
 
+def test_large_batches_come_in_chunks_with_one_privacy_step_per_batch() -> None:
+    privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0)
+    with start(privacy, None, max_physical_batch=4) as dp:
+        before = [p.detach().clone() for p in dp.model.parameters()]
+        sizes = []
+        for x, y in dp.loader:
+            sizes.append(x.shape[0])
+            dp.optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(dp.model(x), y).backward()
+            dp.optimizer.step()
+        report, _ = dp.finish()
+    assert max(sizes) <= 4 and len(sizes) > report.steps == 4  # about 16 samples a batch
+    assert report.epsilon == epsilon_of([(1.0, 1 / 4, 4)], delta=privacy.delta, accountant="prv")
+    assert any(not torch.equal(a, b) for a, b in zip(before, dp.model.parameters(), strict=True))
+    with start(privacy, None, max_physical_batch=4) as dp, \
+            pytest.raises(DPUsageError, match="chunk 0 of batch 0"):
+        for x, _y in dp.loader:  # steps on no chunk
+            dp.model(x)
+
+
 def test_a_round_cannot_train_more_epochs_than_cleared() -> None:
     privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0)
     with start(privacy, None) as dp:
@@ -209,6 +229,8 @@ def test_bad_arguments_fail_fast() -> None:
         start(PrivacyConfig(mode="dp_sgd"), None, planned_epochs=0)
     with pytest.raises(ValueError, match="ceiling_epsilon"):
         start(PrivacyConfig(mode="dp_sgd"), None, ceiling=-1.0)
+    with pytest.raises(ValueError, match="max_physical_batch=0"):
+        start(PrivacyConfig(mode="dp_sgd"), None, max_physical_batch=0)
 
 
 def test_prv_is_at_most_rdp_for_the_same_recorded_history() -> None:
