@@ -39,7 +39,7 @@ from common.processes import ManagedProcess, running, stop_children_on_signals
 log = medfed_logger()
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 ECHO = ("SuperNode ID", "Connection successful", "Receiving:", "Sent successfully", "ERROR",
-        "[MedFed]", "Exit Code", "[code:")
+        "[MedFed]", "Exit Code", "[code:", "Ignoring message")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -201,7 +201,7 @@ name and number. Outbound TCP to {address} is all the node needs.
    waits for the server if the server is not up yet, and reconnects when the
    server restarts:
 
-       .venv/bin/python -m client --kit {kit} \\
+       .venv/bin/python -m client --kit /path/to/this/folder \\
            --data-path /path/to/{name}/images --ledger-path /secure/{name}-privacy.json
 
    Add `--device cuda` to train on a GPU and `--max-epsilon 8` to cap the
@@ -218,8 +218,7 @@ def _write_kit(out: Path, name: str, index: int, count: int, address: str) -> No
     write_file(kit / KIT_FILE, _toml({"hospital-name": name, "superlink": address,
                                       "partition-id": index, "num-partitions": count,
                                       "key": f"{name}.key", "ca": "ca.crt"}).encode())
-    write_file(kit / "README.md", HOSPITAL_README.format(name=name, address=address,
-                                                         kit=kit.resolve()).encode())
+    write_file(kit / "README.md", HOSPITAL_README.format(name=name, address=address).encode())
 
 
 def _check_names(names: Sequence[str], taken: Sequence[str]) -> None:

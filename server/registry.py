@@ -60,7 +60,7 @@ def fingerprint(public_key: Path) -> str:
 
 
 def load_records(certs: Certificates) -> dict[str, dict[str, str]]:
-    """Name -> {"node-id", "fingerprint"} of every hospital registered through MedFed."""
+    """Name -> {"node-id", "fingerprint"[, "removed"]} of hospitals registered through MedFed."""
     path = certs.state / REGISTERED_FILE
     if not path.is_file() or not certs.database.is_file():
         return {}  # no database: nothing is registered, whatever the file says
@@ -149,14 +149,19 @@ def register_all(certs: Certificates, conn: Connection, flwr_home: Path,
             continue
         old = records.get(name, {})
         if old.get("fingerprint") == fingerprint(key):
+            if old.get("removed"):
+                raise RegistrationError(
+                    f"{name}'s key was removed and Flower never accepts it again: issue a new "
+                    f"one with `python -m server.provision rekey --hospitals {name}`")
             continue
         if old.get("node-id", "unknown") != "unknown":  # a replaced key stops working
             with contextlib.suppress(RegistrationError):
                 unregister(old["node-id"], conn, flwr_home)
         node_id = register(name, key, conn, flwr_home)
         if node_id is None:
-            node_id = records.get(name, {}).get("node-id", "unknown")
-            done.append(f"{name}: registered already (node {node_id})")
+            node_id = old.get("node-id", "unknown")
+            done.append(f"{name}: Flower knows this key already (node {node_id}); if it was "
+                        "removed, issue a new one with `python -m server.provision rekey`")
         else:
             done.append(f"{name}: registered as node {node_id}")
         records[name] = {"node-id": node_id, "fingerprint": fingerprint(key)}
@@ -247,7 +252,8 @@ def remove(certs: Certificates, name: str, conn: Connection, flwr_home: Path) ->
         retired = key.parent / "removed" / key.name
         retired.parent.mkdir(exist_ok=True)
         key.replace(retired)
-    records.pop(name, None)
+    if name in records:
+        records[name]["removed"] = time.strftime("%Y-%m-%d %H:%M:%S")
     save_records(certs, records)
     if not node_id or node_id == "unknown":
         return (f"{name}: key retired, but its node ID is not on record: find it with "
@@ -264,7 +270,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--certs", type=Path, required=True, help="server/ folder from provision")
     parser.add_argument("--superlink", default="127.0.0.1:9092",
                         help="where the running server's SuperLink listens (this machine)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     certs = Certificates(args.certs.resolve())
     try:
         certs.check()
@@ -276,9 +282,13 @@ def main(argv: Sequence[str]) -> int:
                 for name in args.names:
                     print(remove(certs, name, conn, flwr_home))
             else:
-                names = {r["node-id"]: n for n, r in load_records(certs).items()}
+                if not _listening(args.superlink):
+                    print(f"no server is listening on {args.superlink}: statuses are as "
+                          "last recorded in the site's database")
+                names = {r["node-id"]: n + (" (removed)" if r.get("removed") else "")
+                         for n, r in load_records(certs).items()}
                 for node in list_nodes(conn, flwr_home):
-                    print(f"{names.get(node['node-id'], '?'):<16} node {node['node-id']:<22} "
+                    print(f"{names.get(node['node-id'], '?'):<24} node {node['node-id']:<22} "
                           f"{node['status']}")
     except (RegistrationError, ValueError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
