@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from common.processes import ManagedProcess, free_port
-from server.provision import init
-from server.registry import flwr_json, list_nodes, register_all, remove
+from server.provision import init, rekey
+from server.registry import RegistrationError, flwr_json, list_nodes, register_all, remove
 from server.runner import Connection
 from server.superlink import Certificates, connection, superlink_process, wait_until_listening
 from tests.conftest import ROOT
@@ -161,7 +161,12 @@ def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federati
     assert "unregistered" in remove(certs, "site-a", conn, home)
     assert member.wait(timeout_s=60) != 0
     assert "its key was unregistered" in output(member)
-    assert (certs.folder / "hospitals" / "removed" / "site-a.pub").exists()
+    retired = certs.folder / "hospitals" / "removed" / "site-a.pub"
+    retired.replace(certs.folder / "hospitals" / "site-a.pub")  # put back: still refused
+    with pytest.raises(RegistrationError, match="never accepts it again"):
+        register_all(certs, conn, home, ["site-a"])
+    rekey(fed.deploy, "site-a")  # a new key can join again
+    assert register_all(certs, conn, home, ["site-a"])[0].startswith("site-a: registered as")
 
 
 def test_three_hospitals_train_over_tls_and_a_stranger_is_refused(
