@@ -13,9 +13,8 @@ import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-
 from common.processes import ManagedProcess, free_port, wait_for_port
+from server.pki import certificate_expiry
 from server.runner import Connection, flwr_bin
 
 CONNECTION = "medfed"
@@ -83,7 +82,7 @@ class Certificates:
                     f"{path} not found: pass the server/ folder written by "
                     "`python -m server.provision init` as --certs")
         for path in (self.ca, self.cert):
-            expires = x509.load_pem_x509_certificate(path.read_bytes()).not_valid_after_utc
+            expires = certificate_expiry(path)
             if expires <= now:
                 raise CertificateError(
                     f"{path} expired on {expires:%Y-%m-%d}: renew it with "

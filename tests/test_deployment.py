@@ -20,7 +20,7 @@ import psutil
 import pytest
 import torch
 
-from common.processes import ManagedProcess, free_port
+from common.processes import ManagedProcess, free_port, stop_pids
 from server.provision import init, rekey
 from server.registry import RegistrationError, flwr_json, list_nodes, register_all, remove
 from server.runner import Connection
@@ -116,6 +116,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
             with contextlib.suppress(psutil.Error):
                 if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
                     left.append(proc.info["pid"])
+        stop_pids(left, grace_s=5)  # started (indirectly) by this test: stop, then fail
         assert not left, f"processes left running: {left}"
 
 
