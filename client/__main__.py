@@ -55,7 +55,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--ca", type=Path, help="the federation's CA certificate")
     p.add_argument("--insecure", action="store_true",
                    help="no TLS, no key (only against a server started with --insecure)")
-    p.add_argument("--data-path", type=Path, help="this hospital's data (folder or file)")
+    p.add_argument("--data-path", type=Path, help="this hospital's data folder (its whole dataset)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
     p.add_argument("--max-epsilon", type=float, help="most DP epsilon ever spent on this data")
     p.add_argument("--delta", type=float, help="delta of that ceiling")
@@ -87,8 +87,8 @@ def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
     kit = read_kit(args.kit) if args.kit else None
     for flag, path in (("--data-path", args.data_path),
                        ("--ledger-path's folder", args.ledger_path and args.ledger_path.parent)):
-        if path is not None and not path.exists():
-            raise NodeSetupError(f"{flag} {path} does not exist")
+        if path is not None and not path.is_dir():
+            raise NodeSetupError(f"{flag} {path} is not an existing folder")
     name = str(_pick(args.name, kit, "name", "--name"))
     settings = HospitalSettings(
         name=name,

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.compose import compose_settings, finalize, settings_yaml
+from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.logs import medfed_logger
 from common.processes import running, stop_children_on_signals
@@ -50,7 +50,11 @@ log = medfed_logger()
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split MedFed's server options from the Hydra overrides."""
+    groups = "\n".join(
+        f"  {g.name}: {', '.join(sorted(p.stem for p in g.glob('*.yaml')))}"
+        for g in sorted(CONF_DIR.iterdir()) if g.is_dir())
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
+                                     epilog=f"Hydra config groups (GROUP=OPTION):\n{groups}",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--certs", type=Path, help="server/ folder from server.provision")
     parser.add_argument("--insecure", action="store_true",

@@ -186,7 +186,7 @@ def test_client_explains_missing_or_wrong_files(fed: Path, tmp_path: Path,
                         "--insecure"]) == 2
     assert "--partition-id is required" in capsys.readouterr().err
     assert client_main(["--kit", str(kit), "--data-path", str(tmp_path / "none")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    assert "is not an existing folder" in capsys.readouterr().err
 
 
 def test_refusals_are_explained() -> None:
