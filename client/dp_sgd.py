@@ -17,6 +17,7 @@ are not noised), or about data reused outside MedFed.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ import torch
 from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -128,6 +130,11 @@ class DPRound:
         return report, history
 
 
+def _secret_generator() -> torch.Generator:
+    """A torch generator seeded from the operating system's entropy."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
 def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
                    privacy: PrivacyConfig, planned_epochs: int, round_epochs: int,
                    run_history: Sequence[Mechanism], prior_history: Sequence[Mechanism] = (),
@@ -152,7 +159,12 @@ def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
             this data past ``ceiling_epsilon``; nothing has been trained.
     """
     delta = privacy.delta if delta is None else delta
-    steps_per_epoch = len(loader)
+    # Poisson sampling and noise draw from OS entropy, never from the run's
+    # seed (which the server knows): amplification by sampling needs secret coins
+    poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator())
+    # Account with the rate and step count Opacus records (1/len of the Poisson
+    # loader, never below the rate it samples at), so checks and reports agree
+    steps_per_epoch = len(poisson)
     sample_rate = 1.0 / steps_per_epoch
     sigma = privacy.noise_multiplier or calibrate_noise(
         target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=sample_rate,
@@ -168,8 +180,10 @@ def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
             f"max-epsilon={ceiling_epsilon:g}; the round is declined and nothing was trained")
     engine = PrivacyEngine(accountant=privacy.accountant)
     hooks, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
-        max_grad_norm=privacy.max_grad_norm, poisson_sampling=True, wrap_model=False)
+        module=model, optimizer=optimizer, data_loader=poisson, noise_multiplier=sigma,
+        max_grad_norm=privacy.max_grad_norm, poisson_sampling=False, wrap_model=False,
+        noise_generator=_secret_generator())
+    hooks.forbid_grad_accumulation()  # as make_private does for Poisson sampling
     engine.accountant.history = [(float(z), float(q), int(n)) for z, q, n in run_history]
     return DPRound(model=model, optimizer=dp_optimizer, loader=dp_loader, engine=engine,
                    hooks=hooks, privacy=privacy, delta=delta, noise_multiplier=sigma,
