@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -65,6 +66,14 @@ def weighted_mean(replies: list[RecordDict], weighting_key: str) -> MetricRecord
     return wire.metric_record(out)
 
 
+def as_float32(arrays: ArrayRecord) -> ArrayRecord:
+    """``arrays`` with every float64 array cast to float32 (others unchanged)."""
+    if all(a.dtype != "float64" for a in arrays.values()):
+        return arrays
+    state = arrays.to_torch_state_dict()
+    return ArrayRecord({k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()})
+
+
 class CheckedRounds:
     """Mixin placed before a Flower strategy class; see the module docstring."""
 
@@ -76,7 +85,12 @@ class CheckedRounds:
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        """Send the round with its true number; remember the shapes sent."""
+        """Send the round with its true number; remember the shapes sent.
+
+        Server-side optimisers (FedAdam...) compute in float64 numpy; the
+        model is float32, so float64 arrays are sent back as float32.
+        """
+        arrays = as_float32(arrays)
         self._expected = array_spec(arrays)
         return super().configure_train(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, grid)
