@@ -20,6 +20,7 @@ import argparse
 import re
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from client.node import (
@@ -110,26 +111,28 @@ def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
 
 
 def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
-    """Echo the node's notable log lines (after ``offset``) until it exits; returns them all."""
-    away, seen = False, []
+    """Echo the node's notable log lines (after ``offset``) until it exits; returns its tail."""
+    away, pending, tail = False, b"", deque[str](maxlen=400)
     while True:
         code = node.poll()
         with open(node.log_path, "rb") as handle:
             handle.seek(offset)
             chunk = handle.read()
         offset += len(chunk)
-        for raw in chunk.decode(errors="replace").splitlines():
+        complete, _, pending = (pending + chunk).rpartition(b"\n")
+        if code is not None:
+            complete, pending = complete + b"\n" + pending, b""
+        for raw in complete.decode(errors="replace").splitlines():
             line = ANSI.sub("", raw).strip()
-            seen.append(line)
+            tail.append(line)
             if "Connection attempt failed" in line and not away:
                 log.info("[MedFed] %s: server not reachable; Flower keeps retrying", name)
                 away = True
-            elif verbose or any(mark in line for mark in ECHO):
+            elif line and (verbose or any(mark in line for mark in ECHO)):
                 away = away and "Connection successful" not in line
-                if line:
-                    log.info("[MedFed] %s: %s", name, line.removeprefix("INFO :").strip())
+                log.info("[MedFed] %s: %s", name, line.removeprefix("INFO :").strip())
         if code is not None:
-            return "\n".join(seen)
+            return "\n".join(tail)
         time.sleep(0.5)
 
 
