@@ -129,7 +129,8 @@ def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
                 log.info("[MedFed] %s: server not reachable; Flower keeps retrying", name)
                 away = True
             elif line and (verbose or any(mark in line for mark in ECHO)):
-                away = away and "Connection successful" not in line
+                # after Flower's exit line, retries are its helpers winding down
+                away = "Exit Code" in line or (away and "Connection successful" not in line)
                 log.info("[MedFed] %s: %s", name, line.removeprefix("INFO :").strip())
         if code is not None:
             return "\n".join(tail)
