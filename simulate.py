@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
-from common.config import ConfigError, Settings
+from common.config import ConfigError, FederationConfig, Settings
 from common.logs import medfed_logger
 from common.processes import (
     ManagedProcess,
@@ -40,8 +40,16 @@ def simulation_superlink(run_dir: Path, port: int) -> ManagedProcess:
     argv = [flwr_bin("flower-superlink"), "--simulation", "--insecure",
             "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation"]
-    return ManagedProcess("superlink", argv, run_dir / "superlink.log",
-                          env={"FLWR_HOME": str(run_dir / "flwr-home")})
+    # Flower's SuperExec looks for new tasks (the ServerApp, the simulation)
+    # once a second by default; a short local run should not wait for that
+    env = {"FLWR_HOME": str(run_dir / "flwr-home"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    return ManagedProcess("superlink", argv, run_dir / "superlink.log", env=env)
+
+
+def ray_cpus(fed: FederationConfig) -> int:
+    """CPUs Ray may hand out: enough for ``parallel_hospitals`` at once, at least the cores."""
+    cores = os.cpu_count() or 1
+    return max(fed.parallel_hospitals * fed.num_cpus, fed.num_cpus, cores)
 
 
 def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = PROJECT_DIR
@@ -69,7 +77,7 @@ def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = P
                 "num-supernodes": fed.num_hospitals,
                 "client-resources-num-cpus": fed.num_cpus,
                 "client-resources-num-gpus": fed.num_gpus,
-                "init-args-num-cpus": max(fed.num_cpus, os.cpu_count() or 1),
+                "init-args-num-cpus": ray_cpus(fed),
             },
             verbose=verbose,
         )

@@ -20,19 +20,22 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
 from client.privacy_ledger import Mechanism
 from common import wire
 from common.config import PrivacyConfig
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
+
+# Opacus is imported inside the functions that use it: the import costs about
+# a second per process, and the ClientApp imports this module in every run,
+# with or without DP-SGD.
 
 
 class BudgetExceededError(RuntimeError):
@@ -43,6 +46,8 @@ def epsilon_spent(history: Sequence[Mechanism], *, delta: float, accountant: str
     """Epsilon at ``delta`` of all ``history`` composed in one accountant (0 if empty)."""
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(accountant)
     acc.history = [(float(z), float(q), int(n)) for z, q, n in history]
     return float(acc.get_epsilon(delta=delta))
@@ -57,6 +62,8 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     """
     if target_epsilon <= 0 or steps <= 0:
         raise ValueError(f"cannot calibrate noise for epsilon={target_epsilon}, steps={steps}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                       sample_rate=sample_rate, steps=steps,
                                       accountant=accountant, epsilon_tolerance=0.005))
@@ -158,6 +165,9 @@ def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
         BudgetExceededError: this round would take the cumulative epsilon on
             this data past ``ceiling_epsilon``; nothing has been trained.
     """
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
     delta = privacy.delta if delta is None else delta
     # Poisson sampling and noise draw from OS entropy, never from the run's
     # seed (which the server knows): amplification by sampling needs secret coins

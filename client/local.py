@@ -5,6 +5,7 @@ The ClientApp handlers unpack a message, call these, and pack the reply.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from client.dp_sgd import DPRound, start_dp_round
 from client.hospital import Hospital
 from client.privacy_ledger import Mechanism, PrivacyLedger
 from common import wire
-from common.config import Settings
+from common.config import Settings, settings_from_json, settings_to_json
 from common.data import SiteData, load_site
 from common.evaluation import evaluate
 from common.models import build_model
@@ -42,9 +43,25 @@ class RoundResult:
     privacy_state: list[Mechanism] = field(default_factory=list)
 
 
+SITE_CACHE_SIZE = 4  # hospitals' datasets one process keeps in memory
+
+
+@functools.lru_cache(maxsize=SITE_CACHE_SIZE)
+def _site_data_cached(settings_json: str, index: int, data_path: str | None) -> SiteData:
+    return load_site(settings_from_json(settings_json), index, data_path=data_path)
+
+
 def site_data(settings: Settings, hospital: Hospital) -> SiteData:
-    """Load this hospital's train/val/test splits."""
-    return load_site(settings, hospital.index, data_path=hospital.data_path)
+    """This hospital's train/val/test splits, read once per process and run.
+
+    Reading and resampling volumes takes longer than a round's evaluation,
+    and a simulated hospital's process (a Ray actor) serves every round of
+    the run, so the splits are memoised on the complete settings (hence per
+    run) and the hospital, keeping at most ``SITE_CACHE_SIZE`` hospitals'
+    datasets in memory. A deployed hospital's ClientApp process serves one
+    message and reads its data each time. Errors are not memoised.
+    """
+    return _site_data_cached(settings_to_json(settings), hospital.index, hospital.data_path)
 
 
 def _device(settings: Settings, hospital: Hospital) -> torch.device:
@@ -82,10 +99,17 @@ def ledger_path(settings: Settings, hospital: Hospital) -> Path:
 
 
 def dataset_id(settings: Settings, hospital: Hospital) -> str:
-    """Identity of the data this hospital trains on, as its ledger keys it."""
+    """Identity of the data this hospital trains on, as its ledger keys it.
+
+    A hospital with its own folder (deployment) is keyed by that folder
+    alone: its images are the same patients whatever the federation's size,
+    split or seed, so every run on them composes in one history. A simulated
+    hospital is keyed by its partition of the shared source.
+    """
+    if hospital.data_path:
+        return f"folder:{Path(hospital.data_path).resolve()}"
     data = settings.data
-    where = hospital.data_path or data.path or "synthetic"
-    return (f"{data.source}:{where}:split={data.split}:seed={settings.seed}:"
+    return (f"{data.source}:{data.path or 'synthetic'}:split={data.split}:seed={settings.seed}:"
             f"part={hospital.index}/{settings.federation.num_hospitals}")
 
 
@@ -93,6 +117,11 @@ def _start_dp(settings: Settings, hospital: Hospital, model: torch.nn.Module,
               optimizer: torch.optim.Optimizer, loader: DataLoader, *, run_id: str,
               run_history: list[Mechanism]) -> tuple[DPRound, PrivacyLedger, str]:
     ledger, dataset = PrivacyLedger(ledger_path(settings, hospital)), dataset_id(settings, hospital)
+    # A node that lost its state mid-run (restarted) sends a shorter history
+    # than the ledger holds for this run: the ledger's record counts
+    recorded = ledger.run_history(dataset, run_id)
+    if sum(n for _, _, n in recorded) > sum(n for _, _, n in run_history):
+        run_history = recorded
     delta = min(settings.privacy.delta, hospital.delta or 1.0)
     fed = settings.federation
     dp = start_dp_round(

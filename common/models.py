@@ -6,11 +6,14 @@ weights a hospital trains:
 
 - no BatchNorm (it mixes samples in a batch): instance or group norm is
   chosen at construction, and Opacus' ``ModuleValidator.fix`` replaces any
-  BatchNorm left inside MONAI blocks by GroupNorm;
+  BatchNorm left inside MONAI blocks (AttentionUnet's) by GroupNorm;
 - no in-place activations or in-place residual additions (they break the
   per-sample gradient hooks of Opacus).
 
-A network that still fails Opacus' validation raises :class:`ModelError`.
+Opacus is imported only where it is needed (a network with BatchNorm, or
+:func:`check_dp_trainable`): the import costs about a second per process,
+and every simulated hospital, the server and the baseline build models.
+A network that fails Opacus' validation raises :class:`ModelError` there.
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from monai.networks.nets import (
     UNet,
 )
 from monai.networks.nets.resnet import ResNetBlock
-from opacus.validators import ModuleValidator
 from torch import nn
 
 from common.config import ModelConfig, TaskConfig
@@ -181,32 +183,34 @@ class _OutOfPlaceResidual(nn.Module):
         return out + x
 
 
-def make_dp_compatible(net: nn.Module) -> nn.Module:
-    """Turn ``net`` into a network Opacus can wrap, in place where possible.
-
-    Replaces BatchNorm by GroupNorm (``ModuleValidator.fix``), switches every
-    activation to out-of-place, and re-validates.
-
-    Raises:
-        ModelError: Opacus still reports incompatible layers, listing them.
-    """
+def _out_of_place_residuals(net: nn.Module) -> None:
+    """Wrap every SegResNet residual block below ``net`` in :class:`_OutOfPlaceResidual`."""
     from monai.networks.blocks.segresnet_block import ResBlock
 
     for name, child in list(net.named_children()):
         if isinstance(child, ResBlock):
             setattr(net, name, _OutOfPlaceResidual(child))
         else:
-            make_dp_compatible(child)
-    net = ModuleValidator.fix(net)
+            _out_of_place_residuals(child)
+
+
+def make_dp_compatible(net: nn.Module) -> nn.Module:
+    """Turn ``net`` into a network Opacus can wrap.
+
+    Wraps in-place residual additions, replaces BatchNorm by GroupNorm
+    (``ModuleValidator.fix``, once for the whole network: it clones the
+    module; skipped when there is no BatchNorm, where it changes nothing) and
+    switches every activation to out-of-place. :func:`check_dp_trainable`
+    validates the result.
+    """
+    _out_of_place_residuals(net)
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        from opacus.validators import ModuleValidator
+
+        net = ModuleValidator.fix(net)
     for module in net.modules():
         if getattr(module, "inplace", False):
             module.inplace = False  # type: ignore[assignment]
-    errors = ModuleValidator.validate(net, strict=False)
-    if errors:
-        raise ModelError(
-            f"{type(net).__name__} cannot be made DP-compatible: "
-            + "; ".join(str(e) for e in errors)
-        )
     return net
 
 
@@ -225,7 +229,7 @@ def build_model(task: TaskConfig, model: ModelConfig, *, seed: int | None = None
         (segmenters).
 
     Raises:
-        ModelError: unknown name, or a network that cannot be made DP-ready.
+        ModelError: unknown ``model.name``.
     """
     builder = BUILDERS.get(model.name)
     if builder is None:
@@ -240,7 +244,8 @@ def build_model(task: TaskConfig, model: ModelConfig, *, seed: int | None = None
 def check_dp_trainable(net: nn.Module, input_shape: tuple[int, ...]) -> None:
     """Dry-run one DP-SGD backward pass on two random samples.
 
-    Catches what static validation cannot see, such as an in-place residual
+    First Opacus' static validation (layers it cannot wrap), then the dry run,
+    which catches what validation cannot see, such as an in-place residual
     addition inside a block (``out += residual``), before any hospital trains.
 
     Args:
@@ -248,10 +253,18 @@ def check_dp_trainable(net: nn.Module, input_shape: tuple[int, ...]) -> None:
         input_shape: one sample's shape ``(C, *spatial)``.
 
     Raises:
-        ModelError: Opacus cannot compute per-sample gradients, with the reason.
+        ModelError: Opacus refuses a layer, or cannot compute per-sample
+            gradients, with the reason.
     """
     from opacus import GradSampleModule
+    from opacus.validators import ModuleValidator
 
+    errors = ModuleValidator.validate(net, strict=False)
+    if errors:
+        raise ModelError(
+            f"{type(net).__name__} cannot be made DP-compatible: "
+            + "; ".join(str(e) for e in errors)
+        )
     probe = GradSampleModule(net, batch_first=True, loss_reduction="mean")
     try:
         probe(torch.randn(2, *input_shape)).float().sum().backward()

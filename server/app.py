@@ -30,6 +30,7 @@ from server.checkpoint import (
     strategy_state,
 )
 from server.client_dp import client_level_epsilon, wrap_client_level
+from server.prompt_grid import PromptGrid
 from server.report import RunRecorder
 from server.strategy import build_strategy
 
@@ -96,7 +97,7 @@ def run(grid: Grid, settings: Settings) -> dict:
 
     if done < rounds:
         result = strategy.start(
-            grid=grid,
+            grid=PromptGrid(grid),
             initial_arrays=ArrayRecord(weights),
             num_rounds=rounds - done,
             train_config=ConfigRecord({"local-epochs": settings.federation.local_epochs}),

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common.data import load_central_test, load_pooled, load_site
 from torch.utils.data import DataLoader
 
 from common.compose import compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
+from common.data import load_central_test, load_pooled, load_site
 from common.evaluation import evaluate
 from common.logs import medfed_logger
 from common.models import build_model

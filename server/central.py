@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from common.data import load_central_test
 from torch.utils.data import DataLoader
 
 from common.config import Settings
+from common.data import load_central_test
 from common.evaluation import evaluate
 from common.models import build_model
 from common.training import resolve_device

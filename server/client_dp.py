@@ -25,7 +25,6 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from opacus.accountants import RDPAccountant
 
 from common.config import Settings
 
@@ -59,6 +58,8 @@ def client_level_epsilon(settings: Settings, rounds: int) -> dict[str, float]:
     if z <= 0 or rounds <= 0:
         epsilon = float("inf") if rounds > 0 else 0.0
     else:
+        from opacus.accountants import RDPAccountant  # ~1 s import: only when needed
+
         accountant = RDPAccountant()
         accountant.history = [(z, 1.0, rounds)]
         epsilon = float(accountant.get_epsilon(delta=privacy.delta))

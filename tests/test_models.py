@@ -92,3 +92,10 @@ def test_in_place_residual_is_refused_with_reason() -> None:
     net = make_dp_compatible(nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), block))
     with pytest.raises(ModelError, match="cannot be trained with DP-SGD"):
         check_dp_trainable(net, (1, 8, 8))
+
+
+def test_layer_opacus_refuses_is_named() -> None:
+    """A network not built by build_model (BatchNorm kept) fails validation with the layer."""
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4))
+    with pytest.raises(ModelError, match="cannot be made DP-compatible: .*BatchNorm"):
+        check_dp_trainable(net, (1, 8, 8))

@@ -127,6 +127,82 @@ def test_ceiling_holds_across_two_runs_on_the_same_ledger(tmp_path: Path) -> Non
     assert 0 < total <= 4.0
 
 
+@pytest.mark.usefixtures("flower_identity")
+def test_node_that_lost_its_state_continues_from_the_ledger(tmp_path: Path) -> None:
+    """Round 2 after a node restart (empty node state) still counts round 1."""
+    settings = _settings(tmp_path)
+    node = {wire.PARTITION_ID: 0, wire.NUM_PARTITIONS: 3}
+    run_config = {wire.RUN_CONFIG_KEY: settings_to_json(settings)}
+    epsilons = []
+    for _ in range(2):  # a fresh Context each round: the node's state is gone
+        context = Context(run_id=7, node_id=11, node_config=node, state=RecordDict(),
+                          run_config=run_config)
+        reply = train(_train_message(settings), context)
+        epsilons.append(reply.content[wire.METRICS][wire.EPSILON])
+    ledger = PrivacyLedger(tmp_path / "ledgers" / "hospital-0.json")
+    (dataset,) = json.loads(ledger.path.read_text())["datasets"]
+    history = ledger.run_history(dataset, "7")
+    assert sum(n for _, _, n in history) == 2 * metrics_steps(reply)
+    assert epsilons[1] > epsilons[0]
+    assert epsilons[1] == pytest.approx(epsilon_spent(history, delta=settings.privacy.delta,
+                                                      accountant=settings.privacy.accountant))
+
+
+def metrics_steps(reply: Message) -> int:
+    """DP-SGD steps of the round a train reply reports."""
+    return int(reply.content[wire.METRICS][wire.TRAIN_STEPS])
+
+
+def test_ledger_never_shortens_a_run(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "ledger.json")
+    spent = [(1.0, 0.1, 20), (2.0, 0.1, 5)]
+    ledger.record("data", "run-1", spent, epsilon=2.0, delta=1e-5, accountant="prv")
+    for shorter in ([(1.0, 0.1, 10), (2.0, 0.1, 5)], [(1.0, 0.1, 30)]):
+        with pytest.raises(LedgerError, match="run run-1 already has 25 DP-SGD steps"):
+            ledger.record("data", "run-1", shorter, epsilon=1.0, delta=1e-5, accountant="prv")
+    assert ledger.run_history("data", "run-1") == spent
+    longer = [(1.0, 0.1, 20), (2.0, 0.1, 15)]
+    ledger.record("data", "run-1", longer, epsilon=3.0, delta=1e-5, accountant="prv")
+    assert ledger.run_history("data", "run-1") == longer
+
+
+def test_concurrent_writers_lose_no_run(tmp_path: Path) -> None:
+    """Two processes recording different runs on one ledger at once: both runs kept."""
+    import multiprocessing
+
+    path = tmp_path / "ledger.json"
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_record_many, args=(path, f"run-{w}")) for w in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0]
+    ledger = PrivacyLedger(path)
+    assert len(ledger.run_history("data", "run-0")) == len(ledger.run_history("data", "run-1"))
+    assert len(ledger.history("data")) == 2 * 25
+
+
+def _record_many(path: Path, run_id: str) -> None:
+    ledger = PrivacyLedger(path)
+    history: list = []
+    for _ in range(25):
+        history.append((1.0, 0.1, 1))
+        ledger.record("data", run_id, history, epsilon=0.0, delta=1e-5, accountant="prv")
+
+
+def test_deployed_hospital_ledger_is_keyed_by_its_folder(tmp_path: Path) -> None:
+    """The same folder is the same patients, whatever the federation's size or seed."""
+    from client.hospital import Hospital
+    from client.local import dataset_id
+
+    folder = tmp_path / "images"
+    ids = {dataset_id(small_settings(tmp_path, f"federation.num_hospitals={n}", f"seed={seed}"),
+                      Hospital(index=i, count=n, name="site", data_path=str(folder)))
+           for n, i, seed in ((3, 0, 1), (4, 2, 1), (3, 0, 9))}
+    assert ids == {f"folder:{folder.resolve()}"}
+
+
 def test_interrupted_ledger_write_keeps_the_previous_ledger(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ledger = PrivacyLedger(tmp_path / "ledger.json")
@@ -142,7 +218,7 @@ def test_interrupted_ledger_write_keeps_the_previous_ledger(
                       accountant="prv")
     monkeypatch.undo()
     assert ledger.path.read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == ["ledger.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ledger.json", "ledger.json.lock"]
     assert ledger.history("data") == [(1.0, 0.1, 10)]
 
 
