@@ -82,6 +82,7 @@ class CheckedRounds:
     min_train: int = 1
     min_evaluate: int = 1
     _expected: ArraySpec
+    _sent: list[Message]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -92,19 +93,27 @@ class CheckedRounds:
         """
         arrays = as_float32(arrays)
         self._expected = array_spec(arrays)
-        return super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid)
+        self._sent = list(super().configure_train(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid))
+        return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Send the evaluation with its true round number."""
-        return super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid)
+        self._sent = list(super().configure_evaluate(  # type: ignore[misc]
+            server_round + self.round_offset, arrays, config, grid))
+        return self._sent
 
     def _sound(self, round_: int, phase: str, replies: Iterable[Message]) -> list[Message]:
+        # The node a reply answers for: the destination of the message it
+        # replies to (the grid sets message IDs on push). An error reply the
+        # SuperLink writes for a node that died comes from the SuperLink itself.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id
+                   for m in getattr(self, "_sent", [])}
         sound = []
         for msg in replies:
-            node = f"node {msg.metadata.src_node_id}"
+            meta = msg.metadata
+            node = f"node {sent_to.get(meta.reply_to_message_id, meta.src_node_id)}"
             if msg.has_error():
                 self.recorder.failure(round_, phase, node, str(msg.error.reason))
                 continue
