@@ -45,7 +45,10 @@ ECHO = ("SuperNode ID", "Connection successful", "Receiving:", "Sent successfull
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """The hospital's command line."""
+    commands = "\n".join(f"  python -m client {name:<8} {text}"
+                         for name, (_, text) in SUBCOMMANDS.items())
     p = argparse.ArgumentParser(prog="python -m client", description=__doc__,
+                                epilog=f"Other commands (each has --help):\n{commands}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kit", type=Path, help="this hospital's startup folder (from provisioning)")
     p.add_argument("--superlink", help="HOST:PORT of the coordinating site")
@@ -137,8 +140,29 @@ def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
         time.sleep(0.5)
 
 
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, what it does); each module has ``main(argv) -> int``
+    "keygen": ("client.keys", "make this hospital's own key pair (hand over only the .pub)"),
+    "apps": ("client.approval", "list the app bundles offered to this hospital and approved"),
+    "approve": ("client.approval", "approve an app bundle by its hash"),
+    "audit": ("client.audit", "print and verify this hospital's record of what left it"),
+}
+"""``python -m client NAME ...``: commands beside running the node."""
+
+
+def run_subcommand(name: str, argv: list[str]) -> int:
+    """Run ``python -m client NAME ARGV`` through its module's ``main``."""
+    import importlib
+
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    code: int = module.main([name, *argv]) if name in ("apps", "approve") else module.main(argv)
+    return code
+
+
 def main(argv: list[str]) -> int:
     """Check the hospital's files, then run its node until Ctrl-C; the exit code."""
+    if argv and argv[0] in SUBCOMMANDS:
+        return run_subcommand(argv[0], argv[1:])
     args = parse(argv)
     try:
         settings, link, home = setup(args)
