@@ -11,10 +11,13 @@ seconds with those that are. ``--certs DIR`` is the ``server/`` folder written b
 ``python -m server.provision init``: the SuperLink runs with TLS and accepts
 only hospitals whose key was registered; every key in ``DIR/hospitals/`` is
 registered before the SuperLink opens its port. ``--host``/``--port`` say
-where it listens (default 0.0.0.0:9092: open this TCP port to the
-hospitals). ``--resume`` continues the run folder's last completed round.
-The run shows the same progress and writes the same run folder as
-``simulate.py``; the SuperLink is stopped on exit, errors, Ctrl-C and SIGTERM.
+where the hospitals connect (default 0.0.0.0:9092: open this TCP port to
+the hospitals); that port serves only Flower's Fleet API (the Fleet gate,
+``server/fleet_gate.py``), while the SuperLink's Control and Runtime APIs
+listen on a loopback port that ``server.registry`` finds by itself.
+``--resume`` continues the run folder's last completed round. The run shows
+the same progress and writes the same run folder as ``simulate.py``; the
+SuperLink and the gate are stopped on exit, errors, Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.logs import medfed_logger
-from common.processes import running, stop_children_on_signals
+from common.processes import stop_children_on_signals
 from server.registry import (
     RegistrationError,
     load_records,
@@ -35,14 +38,7 @@ from server.registry import (
 )
 from server.runner import Connection, RunFailedError, submit_and_follow
 from server.summary_table import print_summary
-from server.superlink import (
-    CertificateError,
-    Certificates,
-    connection,
-    local_address,
-    superlink_process,
-    wait_until_listening,
-)
+from server.superlink import CertificateError, Certificates, serving
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 log = medfed_logger()
@@ -59,8 +55,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--certs", type=Path, help="server/ folder from server.provision")
     parser.add_argument("--insecure", action="store_true",
                         help="no TLS, no node authentication (a local test only)")
-    parser.add_argument("--host", default="0.0.0.0", help="address the SuperLink listens on")
-    parser.add_argument("--port", type=int, default=9092, help="SuperLink port (TCP)")
+    parser.add_argument("--host", default="0.0.0.0",
+                        help="address the hospitals connect to (Fleet API only)")
+    parser.add_argument("--port", type=int, default=9092,
+                        help="port the hospitals connect to (TCP)")
     parser.add_argument("--resume", action="store_true", help="continue the run in run_dir")
     parser.add_argument("--wait-for", type=int,
                         help="hospitals to wait for before round 1 (default: "
@@ -114,13 +112,12 @@ def serve(settings: Settings, certs: Certificates | None, args: argparse.Namespa
         for line in preregister(certs, run_dir):
             log.info("[MedFed] hospital %s", line)
     database = run_dir / "superlink.db" if certs is None else certs.database
-    link = superlink_process(host=args.host, port=args.port, certs=certs, database=database,
-                             log_path=run_dir / "superlink.log", flwr_home=flwr_home)
-    conn = connection(address=local_address(args.host, args.port), certs=certs)
-    with running(link):
-        wait_until_listening(link, conn.address)
-        log.info("[MedFed] SuperLink listening on %s:%d (%s)", args.host, args.port,
-                 "TLS, registered hospitals only" if certs else "INSECURE")
+    with serving(host=args.host, port=args.port, certs=certs, database=database,
+                 log_dir=run_dir, flwr_home=flwr_home) as conn:
+        log.info("[MedFed] hospitals connect to %s:%d (%s; Flower's Fleet API only); the "
+                 "SuperLink's Control and Runtime APIs listen on %s, this machine only",
+                 args.host, args.port,
+                 "TLS, registered hospitals only" if certs else "INSECURE", conn.address)
         wait_for_round_1(settings, certs, conn, flwr_home, args)
         return submit_and_follow(settings, conn, project_dir=args.app.resolve(),
                                  flwr_home=flwr_home, verbose=args.verbose)

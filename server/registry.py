@@ -4,12 +4,14 @@
     python -m server.registry remove --certs deploy/server site-b
     python -m server.registry list --certs deploy/server
 
-Each command talks to the running server's SuperLink (``--superlink``, by
-default ``127.0.0.1:9092``, over TLS with the federation's CA). When no
-server is running, it opens the site's SuperLink database through a
-private SuperLink on a loopback port instead, so the change is there at the
-next start. ``remove`` also moves ``hospitals/NAME.pub`` to
-``hospitals/removed/`` so the server does not register it again.
+Each command talks to the running server's SuperLink over TLS with the
+federation's CA, on the loopback port the server recorded in
+``state/control.json`` (``--superlink HOST:PORT`` to name another; the
+hospitals' public port refuses these calls). When no server is running, it
+opens the site's SuperLink database through a private SuperLink on a
+loopback port instead, so the change is there at the next start.
+``remove`` also moves ``hospitals/NAME.pub`` to ``hospitals/removed/`` so
+the server does not register it again.
 
 Flower's CLI does not show which key a node ID belongs to, so the names
 and node IDs are recorded in ``state/registered.json``.
@@ -23,7 +25,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +37,7 @@ from server.runner import Connection, flwr_bin, flwr_env, write_flwr_config
 from server.superlink import (
     Certificates,
     connection,
+    control_address,
     private_superlink,
     wait_until_listening,
 )
@@ -176,22 +178,21 @@ def unregistered(certs: Certificates) -> list[str]:
             if records.get(name, {}).get("fingerprint") != fingerprint(key)]
 
 
-def _listening(address: str) -> bool:
-    host, _, port = address.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
-def site_superlink(certs: Certificates, address: str, log_dir: Path
+def site_superlink(certs: Certificates, address: str | None, log_dir: Path
                    ) -> Iterator[tuple[Connection, Path]]:
-    """A connection to the site's SuperLink: the running one, or a private one meanwhile."""
+    """A connection to the site's SuperLink: the running one, or a private one meanwhile.
+
+    Args:
+        certs: the site's folder.
+        address: the running SuperLink's Control API; None = the one the
+            running server recorded (see :func:`control_address`).
+        log_dir: where a private SuperLink logs.
+    """
     flwr_home = certs.state / "flwr-home"
-    if _listening(address):
-        yield connection(address=address, certs=certs), flwr_home
+    live = control_address(certs, address)
+    if live is not None:
+        yield connection(address=live, certs=certs), flwr_home
         return
     link, conn = private_superlink(certs, log_dir / "superlink-registry.log", flwr_home)
     with running(link):
@@ -268,8 +269,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("action", choices=("add", "remove", "list"))
     parser.add_argument("names", nargs="*", help="hospital names (add: default all new ones)")
     parser.add_argument("--certs", type=Path, required=True, help="server/ folder from provision")
-    parser.add_argument("--superlink", default="127.0.0.1:9092",
-                        help="where the running server's SuperLink listens (this machine)")
+    parser.add_argument("--superlink", default=None,
+                        help="the running SuperLink's Control API HOST:PORT (default: the "
+                             "loopback address the running server recorded in state/)")
     args = parser.parse_intermixed_args(argv)
     certs = Certificates(args.certs.resolve())
     try:
@@ -282,9 +284,9 @@ def main(argv: Sequence[str]) -> int:
                 for name in args.names:
                     print(remove(certs, name, conn, flwr_home))
             else:
-                if not _listening(args.superlink):
-                    print(f"no server is listening on {args.superlink}: statuses are as "
-                          "last recorded in the site's database")
+                if control_address(certs, args.superlink) is None:
+                    print("no server is running: statuses are as last recorded in the "
+                          "site's database")
                 names = {r["node-id"]: n + (" (removed)" if r.get("removed") else "")
                          for n, r in load_records(certs).items()}
                 for node in list_nodes(conn, flwr_home):

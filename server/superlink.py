@@ -2,18 +2,30 @@
 
 The SuperLink serves Flower's Fleet API (hospitals), Control API (Flower's
 CLI: registering keys, submitting runs) and Runtime API (the ServerApp) on
-one TCP port. With certificates it runs with TLS and accepts only
-SuperNodes whose public key was registered; ``certs=None`` means insecure
-(plain text, any node may join), for tests on one machine only.
+one TCP port. :func:`serving` therefore binds it to a loopback port and puts
+the Fleet gate (:mod:`server.fleet_gate`) on the public address: from the
+network only the Fleet API is reachable; the Control and Runtime APIs only
+from this machine. With certificates both run with TLS and the SuperLink
+accepts only SuperNodes whose public key was registered; ``certs=None``
+means insecure (plain text, any node may join), for tests on one machine only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import json
+import os
+import socket
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.processes import ManagedProcess, free_port, wait_for_port
+import psutil
+
+from common.atomic import atomic_file
+from common.processes import ManagedProcess, free_port, running, wait_for_port
 from server.pki import certificate_expiry
 from server.runner import Connection, flwr_bin
 
@@ -21,6 +33,7 @@ CONNECTION = "medfed"
 """Name of the connection in ``$FLWR_HOME/config.toml`` that MedFed's CLI calls use."""
 EXPIRY_WARNING_DAYS = 30
 START_TIMEOUT_S = 60.0
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class CertificateError(ValueError):
@@ -63,6 +76,11 @@ class Certificates:
     def database(self) -> Path:
         """The SuperLink's database: it remembers registered hospitals across restarts."""
         return self.state / "superlink.db"
+
+    @property
+    def control_record(self) -> Path:
+        """Where a running server records its SuperLink's loopback address and its PID."""
+        return self.state / "control.json"
 
     def hospital_keys(self) -> dict[str, Path]:
         """Hospital name -> public key file, for every ``hospitals/NAME.pub``."""
@@ -151,3 +169,90 @@ def private_superlink(certs: Certificates, log_path: Path, flwr_home: Path
     link = superlink_process(host="127.0.0.1", port=port, certs=certs, database=certs.database,
                              log_path=log_path, flwr_home=flwr_home)
     return link, connection(address=f"127.0.0.1:{port}", certs=certs)
+
+
+def gate_process(*, host: str, port: int, upstream_port: int, certs: Certificates | None,
+                 log_path: Path) -> ManagedProcess:
+    """The Fleet gate on ``host:port`` in front of the SuperLink on ``127.0.0.1:upstream_port``."""
+    argv = [sys.executable, "-m", "server.fleet_gate", "--listen", f"{host}:{port}",
+            "--upstream", f"127.0.0.1:{upstream_port}"]
+    argv += ["--insecure"] if certs is None else ["--certs", str(certs.folder)]
+    return ManagedProcess("fleet-gate", argv, log_path, cwd=PROJECT_DIR)
+
+
+def listening(address: str) -> bool:
+    """Whether something accepts TCP connections at ``host:port`` right now."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def control_address(certs: Certificates, address: str | None = None) -> str | None:
+    """The running server's Control API address, or None when no server runs.
+
+    Args:
+        certs: the site's folder; the running server's address is read from
+            :attr:`Certificates.control_record` (a record whose server process
+            is gone, killed without cleaning up, counts as none).
+        address: an address to use instead of the record.
+    """
+    if address is None:
+        try:
+            record = json.loads(certs.control_record.read_text())
+            address, pid = str(record["address"]), int(record["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not psutil.pid_exists(pid):
+            return None
+    return address if listening(address) else None
+
+
+@contextlib.contextmanager
+def control_recorded(certs: Certificates | None, address: str) -> Iterator[None]:
+    """Record ``address`` as this process' loopback SuperLink while the block runs."""
+    if certs is None:
+        yield
+        return
+    certs.state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with atomic_file(certs.control_record, "w") as handle:
+        json.dump({"address": address, "pid": os.getpid()}, handle)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(certs.control_record.read_text()).get("pid") == os.getpid():
+                certs.control_record.unlink()
+
+
+@contextlib.contextmanager
+def serving(*, host: str, port: int, certs: Certificates | None, database: Path,
+            log_dir: Path, flwr_home: Path) -> Iterator[Connection]:
+    """Run the SuperLink on a loopback port behind the Fleet gate on ``host:port``.
+
+    Starts the SuperLink (``log_dir/superlink.log``), waits until it listens,
+    records its address for ``server.registry``, then starts the gate
+    (``log_dir/fleet_gate.log``) and waits until the hospitals' port is open.
+    Both are stopped by PID on exit, the gate first.
+
+    Yields:
+        How this machine's Flower CLI reaches the SuperLink's Control API
+        (the loopback port; the public port refuses it).
+
+    Raises:
+        RuntimeError: one of them exited before listening (its log is quoted).
+        TimeoutError: one of them did not listen within a minute.
+    """
+    loopback = free_port()
+    link = superlink_process(host="127.0.0.1", port=loopback, certs=certs, database=database,
+                             log_path=log_dir / "superlink.log", flwr_home=flwr_home)
+    gate = gate_process(host=host, port=port, upstream_port=loopback, certs=certs,
+                        log_path=log_dir / "fleet_gate.log")
+    conn = connection(address=f"127.0.0.1:{loopback}", certs=certs)
+    with running(link):
+        wait_until_listening(link, conn.address)
+        with control_recorded(certs, conn.address), running(gate):
+            wait_until_listening(gate, local_address(host, port))
+            yield conn
