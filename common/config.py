@@ -29,6 +29,8 @@ DEVICES = ("auto", "cpu", "cuda")
 PRIVACY_MODES = ("none", "dp_sgd", "client_level")
 ACCOUNTANTS = ("prv", "rdp")
 CLIPPING_SIDES = ("server", "client")
+NORM_BOUNDS = ("median", "absolute", "none")
+OVER_NORM_ACTIONS = ("drop", "clip")
 
 
 class ConfigError(ValueError):
@@ -222,8 +224,23 @@ class StrategyConfig:
             and of FedAvgM.
         server_momentum: FedAvgM momentum.
         tau: adaptivity of FedAdam/FedYogi/FedAdagrad.
-        trim_beta: fraction trimmed at each end by FedTrimmedAvg.
+        trim_beta: fraction trimmed at each end by FedTrimmedAvg (at least
+            one hospital per end whenever 3 or more replies are aggregated).
         num_malicious: hospitals Krum assumes may be byzantine.
+        norm_bound: bound on each hospital's update (its weights minus the
+            global weights, L2 norm over all float arrays): ``median`` =
+            ``norm_factor`` x the round's (lower) median update norm,
+            ``absolute`` = ``max_update_norm``, ``none`` = unbounded.
+        norm_factor: multiple of the median norm an update may reach.
+        max_update_norm: the absolute L2 bound (``norm_bound=absolute``).
+        over_norm: what happens to an update over the bound: ``drop`` it
+            (logged) or ``clip`` it to the bound (logged).
+        min_cosine: an update whose cosine similarity with the
+            coordinate-wise median of the round's updates is below this is
+            dropped (needs 3+ updates); null switches the check off.
+        max_weight_share: the largest share of a round's total weight
+            (``num-examples``) one hospital may have; larger claims are
+            capped (logged). 1 switches the cap off.
     """
 
     name: str = "fedavg"
@@ -233,6 +250,12 @@ class StrategyConfig:
     tau: float = 1e-3
     trim_beta: float = 0.2
     num_malicious: int = 0
+    norm_bound: str = "median"
+    norm_factor: float = 4.0
+    max_update_norm: float = 0.0
+    over_norm: str = "drop"
+    min_cosine: float | None = 0.0
+    max_weight_share: float = 0.5
 
     def __post_init__(self) -> None:
         _one_of("strategy.name", self.name, STRATEGIES)
@@ -241,6 +264,19 @@ class StrategyConfig:
         _fraction("strategy.trim_beta", self.trim_beta)
         if self.trim_beta >= 0.5:
             raise ConfigError("strategy.trim_beta must be < 0.5")
+        _one_of("strategy.norm_bound", self.norm_bound, NORM_BOUNDS)
+        _one_of("strategy.over_norm", self.over_norm, OVER_NORM_ACTIONS)
+        if self.norm_factor < 1.0:
+            raise ConfigError(f"strategy.norm_factor={self.norm_factor!r} is not valid; it "
+                              "must be >= 1 (a multiple of the median update norm)")
+        _positive("strategy.max_update_norm", self.max_update_norm, allow_zero=True)
+        if self.norm_bound == "absolute" and self.max_update_norm <= 0:
+            raise ConfigError("strategy.max_update_norm must be > 0 when "
+                              "strategy.norm_bound=absolute")
+        if self.min_cosine is not None and not -1.0 <= self.min_cosine <= 1.0:
+            raise ConfigError(f"strategy.min_cosine={self.min_cosine!r} is not valid; it "
+                              "must lie in [-1, 1], or be null to switch the check off")
+        _fraction("strategy.max_weight_share", self.max_weight_share, allow_zero=False)
 
 
 @dataclass

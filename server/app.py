@@ -29,7 +29,7 @@ from server.checkpoint import (
     save_checkpoint,
     strategy_state,
 )
-from server.client_dp import client_level_epsilon, wrap_client_level
+from server.client_dp import RELEASES, Release, client_level_epsilon, wrap_client_level
 from server.prompt_grid import PromptGrid
 from server.report import RunRecorder
 from server.strategy import build_strategy
@@ -50,6 +50,23 @@ def hospital_names(settings: Settings) -> list[str]:
             if len(names) == count:
                 return names
     return [f"hospital-{i}" for i in range(count)]
+
+
+def earlier_releases(checkpoint: Checkpoint | None) -> list[Release]:
+    """Client-level DP releases recorded in a resumed run's checkpoint.
+
+    Raises:
+        ValueError: the checkpoint has completed rounds but no record of them
+            (written by an older MedFed), so epsilon cannot be accounted.
+    """
+    if checkpoint is None:
+        return []
+    if RELEASES not in checkpoint.strategy_state:
+        raise ValueError(
+            f"checkpoint after round {checkpoint.round} has no record of its client-level DP "
+            "releases (written by an older MedFed): epsilon cannot be accounted; start a new "
+            "run folder instead of resume=true")
+    return list(checkpoint.strategy_state[RELEASES])
 
 
 def run(grid: Grid, settings: Settings) -> dict:
@@ -74,7 +91,8 @@ def run(grid: Grid, settings: Settings) -> dict:
     if checkpoint is not None:
         restore_strategy_state(inner, checkpoint.strategy_state)
     client_level = settings.privacy.mode == "client_level"
-    strategy = wrap_client_level(inner, settings) if client_level else inner
+    strategy = (wrap_client_level(inner, settings, earlier_releases(checkpoint))
+                if client_level else inner)
 
     central = central_evaluator(settings)
 
@@ -89,9 +107,12 @@ def run(grid: Grid, settings: Settings) -> dict:
             scores = central(state)
             recorder.record_central(true_round, scores)
             metrics = wire.metric_record(scores)
+        saved = strategy_state(inner)
         if client_level:
-            recorder.record_client_privacy(true_round, client_level_epsilon(settings, true_round))
-        save_checkpoint(run_dir, Checkpoint(true_round, state, strategy_state(inner)))
+            recorder.record_client_privacy(true_round,
+                                           client_level_epsilon(settings, strategy.releases))
+            saved[RELEASES] = list(strategy.releases)
+        save_checkpoint(run_dir, Checkpoint(true_round, state, saved))
         recorder.end_round(true_round)
         return metrics
 

@@ -79,9 +79,14 @@ def strategy_state(strategy: object) -> dict[str, Any]:
 
 
 def restore_strategy_state(strategy: object, state: dict[str, Any]) -> None:
-    """Put state saved by :func:`strategy_state` back into ``strategy``."""
+    """Put state saved by :func:`strategy_state` back into ``strategy``.
+
+    Keys other than :data:`STATE_ATTRIBUTES` (state of a wrapper around the
+    strategy, such as client-level DP's releases) are left to their owner.
+    """
     for name, value in state.items():
-        setattr(strategy, name, _from_tensors(value))
+        if name in STATE_ATTRIBUTES:
+            setattr(strategy, name, _from_tensors(value))
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:

@@ -1,9 +1,11 @@
 """Checks on what a hospital sends back, before anything is aggregated.
 
 A training reply must carry exactly the model arrays that were sent (same
-keys, same shapes), finite values only, and finite scalar metrics including
-a positive ``num-examples``. Anything else is dropped and logged, never
-averaged in.
+keys, same shapes, same dtypes, so no reply can change the global model's
+dtype or make the aggregate fail), finite values only, and finite scalar
+metrics including a positive ``num-examples``. Anything else is dropped and
+logged, never averaged in. How far a sound reply may move the model is
+bounded afterwards (:mod:`server.influence`).
 """
 
 from __future__ import annotations
@@ -11,16 +13,32 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
 from common import wire
 
-ArraySpec = dict[str, tuple[int, ...]]
+ArraySpec = dict[str, tuple[tuple[int, ...], str]]
+"""Array key -> (shape, dtype name) of the global model sent."""
 
 
 def array_spec(arrays: ArrayRecord) -> ArraySpec:
-    """Key -> shape of every array in ``arrays``."""
-    return {key: tuple(array.shape) for key, array in arrays.items()}
+    """Key -> (shape, dtype) of every array in ``arrays``."""
+    return {key: (tuple(array.shape), str(array.dtype)) for key, array in arrays.items()}
+
+
+def _array_problem(key: str, array: Array, expected: tuple[tuple[int, ...], str]) -> str | None:
+    declared = (tuple(array.shape), str(array.dtype))
+    if declared != expected:
+        return f"array {key!r} is {declared}, expected {expected} (shape, dtype)"
+    try:
+        values = array.numpy()
+    except Exception as err:  # noqa: BLE001 - undecodable bytes are a bad reply, not a crash
+        return f"array {key!r} cannot be decoded ({type(err).__name__})"
+    if (tuple(values.shape), str(values.dtype)) != expected:
+        return f"array {key!r} decodes as {(tuple(values.shape), str(values.dtype))}"
+    if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+        return f"array {key!r} has non-finite values"
+    return None
 
 
 def _metric_problem(metrics: MetricRecord) -> str | None:
@@ -49,13 +67,10 @@ def train_reply_problem(msg: Message, expected: ArraySpec) -> str | None:
         extra = sorted(spec.keys() - expected.keys())
         missing = sorted(expected.keys() - spec.keys())
         return f"array keys differ from the model (extra {extra[:3]}, missing {missing[:3]})"
-    for key, shape in spec.items():
-        if shape != expected[key]:
-            return f"array {key!r} has shape {shape}, expected {expected[key]}"
     for key, array in arrays.items():
-        values = array.numpy()
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            return f"array {key!r} has non-finite values"
+        problem = _array_problem(key, array, expected[key])
+        if problem:
+            return problem
     problem = _metric_problem(metrics)
     if problem:
         return problem

@@ -3,7 +3,8 @@
 Files written into ``run_dir``:
 
 - ``metrics.jsonl``: one JSON object per line, with ``round``, ``phase``
-  (``train``, ``evaluate``, ``central``, ``privacy``, or ``round`` whose
+  (``train``, ``evaluate``, ``central``, ``privacy``, ``bounds`` (a reply
+  clipped or re-weighted), or ``round`` whose
   ``elapsed_s`` is the time since the ServerApp started when the round
   ended), ``hospital`` (a name, or ``overall`` for the aggregate) and the
   metric values.
@@ -144,6 +145,12 @@ class RunRecorder:
         """Log a hospital's failed or dropped reply."""
         log.warning("[MedFed] round %d %s: %s: %s", round_, phase, hospital, reason)
         self._append([{"round": round_, "phase": phase, "hospital": hospital, "error": reason}])
+
+    def bounded(self, round_: int, hospital: str, reason: str) -> None:
+        """Log a training reply the server clipped or re-weighted before aggregating it."""
+        log.warning("[MedFed] round %d train: %s: %s", round_, hospital, reason)
+        self._append([{"round": round_, "phase": "bounds", "hospital": hospital,
+                       "bounded": reason}])
 
     def write_summary(self, *, experiment: str, rounds: int, wall_time_s: float) -> dict[str, Any]:
         """Write ``summary.json`` from the last round's metrics and return it."""

@@ -5,6 +5,12 @@ The round loop is Flower's own (``Strategy.start``). MedFed adds, through the
 
 - every reply is checked (:mod:`server.replies`) and a bad one is dropped
   and logged, never averaged in;
+- every sound training reply's influence is bounded (:mod:`server.influence`:
+  update norm, update direction, weight), except under client-level DP,
+  whose clipping bound is the norm bound and whose sensitivity analysis
+  needs each reply judged on its own;
+- FedTrimmedAvg trims at least one reply per end whenever 3 or more are
+  aggregated (Flower's ``int(beta * n)`` trims none of 3 at ``beta=0.2``);
 - a round in which fewer than the configured minimum of hospitals answered
   soundly fails the run with a clear message (Flower alone would go on);
 - per-hospital metrics go to the run folder;
@@ -17,6 +23,7 @@ import math
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -33,7 +40,8 @@ from flwr.serverapp.strategy import (
 )
 
 from common import wire
-from common.config import Settings
+from common.config import Settings, StrategyConfig
+from server.influence import bound_influence
 from server.replies import ArraySpec, array_spec, evaluate_reply_problem, train_reply_problem
 from server.report import RunRecorder
 
@@ -81,7 +89,12 @@ class CheckedRounds:
     round_offset: int = 0
     min_train: int = 1
     min_evaluate: int = 1
+    bounds: StrategyConfig | None = None
+    """The influence bounds (None: no bounds, under client-level DP)."""
+    last_aggregated: int = 0
+    """Training replies averaged in by the last :meth:`aggregate_train`."""
     _expected: ArraySpec
+    _global: ArrayRecord
     _sent: list[Message]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -93,6 +106,7 @@ class CheckedRounds:
         """
         arrays = as_float32(arrays)
         self._expected = array_spec(arrays)
+        self._global = arrays
         self._sent = list(super().configure_train(  # type: ignore[misc]
             server_round + self.round_offset, arrays, config, grid))
         return self._sent
@@ -104,16 +118,22 @@ class CheckedRounds:
             server_round + self.round_offset, arrays, config, grid))
         return self._sent
 
-    def _sound(self, round_: int, phase: str, replies: Iterable[Message]) -> list[Message]:
-        # The node a reply answers for: the destination of the message it
-        # replies to (the grid sets message IDs on push). An error reply the
-        # SuperLink writes for a node that died comes from the SuperLink itself.
+    def node_of(self, msg: Message) -> str:
+        """``node <id>`` a reply answers for.
+
+        The destination of the message it replies to (the grid sets message
+        IDs on push): an error reply the SuperLink writes for a node that
+        died comes from the SuperLink itself.
+        """
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in getattr(self, "_sent", [])}
+        meta = msg.metadata
+        return f"node {sent_to.get(meta.reply_to_message_id, meta.src_node_id)}"
+
+    def _sound(self, round_: int, phase: str, replies: Iterable[Message]) -> list[Message]:
         sound = []
         for msg in replies:
-            meta = msg.metadata
-            node = f"node {sent_to.get(meta.reply_to_message_id, meta.src_node_id)}"
+            node = self.node_of(msg)
             if msg.has_error():
                 self.recorder.failure(round_, phase, node, str(msg.error.reason))
                 continue
@@ -125,11 +145,34 @@ class CheckedRounds:
             sound.append(msg)
         return sound
 
+    def sound_train_replies(self, server_round: int, replies: Iterable[Message]
+                            ) -> list[Message]:
+        """The training replies that may be aggregated, each one checked and bounded.
+
+        Dropped, clipped and capped replies are logged with their node.
+        """
+        round_ = server_round + self.round_offset
+        sound = self._sound(round_, "train", list(replies))
+        if self.bounds is None or not sound:
+            return sound
+
+        def report(index: int, reason: str, dropped: bool) -> None:
+            node = self.node_of(sound[index])
+            if dropped:
+                self.recorder.failure(round_, "train", node, f"reply dropped: {reason}")
+            else:
+                self.recorder.bounded(round_, node, reason)
+
+        weighting = str(getattr(self, "weighted_by_key", wire.NUM_EXAMPLES))
+        bounded = bound_influence(sound, self._global, self.bounds, weighting, report)
+        return [sound[i] for i in bounded.kept]
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the sound training replies; fail if too few."""
         round_ = server_round + self.round_offset
-        sound = self._sound(round_, "train", list(replies))
+        sound = self.sound_train_replies(server_round, replies)
+        self.last_aggregated = len(sound)
         if len(sound) < self.min_train:
             raise RoundFailedError(
                 f"round {round_}: only {len(sound)} hospital(s) trained successfully, fewer "
@@ -156,6 +199,31 @@ class CheckedRounds:
         return metrics
 
 
+def trim_fraction(beta: float, replies: int) -> float:
+    """``beta``, raised so that ``int(beta * replies) >= 1`` whenever that is possible.
+
+    Trimming one reply per end of ``n`` needs ``1/n < 0.5``, so 3 or more replies.
+    """
+    if replies >= 3 and int(beta * replies) < 1:
+        return float(min(np.nextafter(1.0 / replies, 1.0), 0.4999))
+    return beta
+
+
+class TrimmedAvgAtLeastOne(FedTrimmedAvg):
+    """Flower's FedTrimmedAvg, trimming at least one reply per end when it can."""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Trimmed mean with the round's trim fraction (:func:`trim_fraction`)."""
+        replies = list(replies)
+        configured = self.beta
+        self.beta = trim_fraction(configured, sum(not m.has_error() for m in replies))
+        try:
+            return super().aggregate_train(server_round, replies)
+        finally:
+            self.beta = configured
+
+
 STRATEGIES: dict[str, type] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
@@ -164,7 +232,7 @@ STRATEGIES: dict[str, type] = {
     "fedadagrad": FedAdagrad,
     "fedavgm": FedAvgM,
     "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
+    "fedtrimmedavg": TrimmedAvgAtLeastOne,
     "krum": Krum,
 }
 
@@ -206,4 +274,5 @@ def build_strategy(settings: Settings, recorder: RunRecorder, *, round_offset: i
     strategy.round_offset = round_offset
     strategy.min_train = fed.min_train
     strategy.min_evaluate = fed.min_evaluate if fed.fraction_evaluate > 0 else 0
+    strategy.bounds = None if settings.privacy.mode == "client_level" else settings.strategy
     return strategy

@@ -48,7 +48,10 @@ def _filled(value: float) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arrays,extra,problem", [
     ({**_filled(1.0), "leak": torch.ones(4)}, {}, "extra ['leak']"),
-    ({"w": torch.ones(3, 2), "b": torch.ones(3)}, {}, "shape (3, 2)"),
+    ({"w": torch.ones(3, 2), "b": torch.ones(3)}, {}, "((3, 2), 'float32')"),
+    ({"w": torch.ones(2, 3, dtype=torch.float16), "b": torch.ones(3)}, {}, "'float16')"),
+    ({"w": torch.ones(2, 3, dtype=torch.float64), "b": torch.ones(3)}, {}, "'float64')"),
+    ({"w": torch.ones(2, 3, dtype=torch.complex64), "b": torch.ones(3)}, {}, "'complex64')"),
     ({"w": torch.full((2, 3), float("nan")), "b": torch.ones(3)}, {}, "non-finite"),
     (_filled(1.0), {"notes": ConfigRecord({"patient": "Jane Doe"})}, "records"),
 ])
@@ -67,6 +70,7 @@ def _strategy(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
     recorder = RunRecorder(tmp_path / "run", "classification", 2, ["a", "b", "c"])
     strategy = build_strategy(settings, recorder)
     strategy._expected = array_spec(ArrayRecord(GLOBAL))
+    strategy._global = ArrayRecord(GLOBAL)
     return strategy
 
 
