@@ -3,10 +3,13 @@
     python -m client --kit /secure/medfed-site-a --data-path /data/site-a \\
         --ledger-path /secure/site-a-privacy.json --max-epsilon 8
 
-``--kit`` is the startup folder the coordinating site provisioned (private
-key, CA certificate, ``hospital.toml`` with the server address, name and
-number); any of those can be given or overridden with ``--superlink``,
+``--kit`` is the startup folder the coordinating site provisioned (CA
+certificate, ``hospital.toml`` with the server address, name and number)
+holding the private key the hospital made itself (``python -m client keygen
+--kit DIR``); any of those can be given or overridden with ``--superlink``,
 ``--name``, ``--partition-id``, ``--num-partitions``, ``--key``, ``--ca``.
+Without a CA certificate the node refuses to start unless ``--insecure``
+(no TLS, no key: a test on one machine only) is given.
 The hospital's own settings (data, device, privacy ceiling, ledger) travel
 in the node config: the server cannot change them. The node waits for the
 server if it is not up yet and reconnects after a server restart (Flower's
@@ -82,6 +85,25 @@ def _pick(value: object, kit: Kit | None, field: str, flag: str) -> object:
     return getattr(kit, field)
 
 
+def _link(args: argparse.Namespace, kit: Kit | None, superlink: str) -> Link:
+    """The checked link: TLS with the CA and the hospital's own key, or an explicit --insecure.
+
+    Raises:
+        NodeSetupError: no CA certificate without --insecure; the kit's key not made yet;
+            a file missing or wrong.
+    """
+    if args.insecure:
+        return Link(superlink, None, None, args.max_retries, args.max_wait_time, insecure=True)
+    if kit is not None and args.key is None and not kit.key.is_file():
+        raise NodeSetupError(f"{kit.key} not found: this hospital has no key yet. Make it with "
+                             f"`python -m client keygen --kit {kit.folder}` and send the "
+                             f"{kit.name}.pub it writes to the coordinating site")
+    link = Link(superlink, args.ca or (kit.ca if kit else None),
+                args.key or (kit.key if kit else None), args.max_retries, args.max_wait_time)
+    link.check()
+    return link
+
+
 def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
     """Hospital settings, link and home folder from the command line (and kit).
 
@@ -102,13 +124,7 @@ def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
         data_path=args.data_path and str(args.data_path.resolve()),
         device=args.device, max_epsilon=args.max_epsilon, delta=args.delta,
         ledger_path=args.ledger_path and str(args.ledger_path.resolve()))
-    superlink = str(_pick(args.superlink, kit, "superlink", "--superlink"))
-    if args.insecure:
-        link = Link(superlink, None, None, args.max_retries, args.max_wait_time)
-    else:
-        link = Link(superlink, args.ca or (kit.ca if kit else None),
-                    args.key or (kit.key if kit else None), args.max_retries, args.max_wait_time)
-        link.check()
+    link = _link(args, kit, str(_pick(args.superlink, kit, "superlink", "--superlink")))
     home = args.home or (kit.folder / "node" if kit else Path(f"medfed-node-{name}"))
     return settings, link, home.resolve()
 

@@ -88,12 +88,15 @@ class Link:
 
     Attributes:
         superlink: HOST:PORT of the server's SuperLink.
-        ca: the federation's CA certificate; None = insecure (tests only).
-        key: this hospital's private key (OpenSSH, EC P-384).
+        ca: the federation's CA certificate; None only with ``insecure``.
+        key: this hospital's private key (OpenSSH, EC P-384), made at the
+            hospital by ``python -m client keygen``.
         max_retries: give up after this many failed connection attempts
             (None = never).
         max_wait_time: give up after this many seconds without the server
             (None = never).
+        insecure: no TLS and no key (a test on one machine only); it must be
+            asked for: a link without a CA certificate is refused otherwise.
     """
 
     superlink: str
@@ -101,6 +104,16 @@ class Link:
     key: Path | None
     max_retries: int | None = None
     max_wait_time: float | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.insecure and (self.ca is not None or self.key is not None):
+            raise NodeSetupError("--insecure runs without TLS and without a key: drop it, "
+                                 "or drop --ca/--key")
+        if not self.insecure and self.ca is None:
+            raise NodeSetupError("no CA certificate: pass --kit DIR (the startup folder with "
+                                 "ca.crt) or --ca FILE; only a test on one machine may run "
+                                 "without TLS, with --insecure")
 
     def check(self) -> None:
         """Fail with a clear message when a file is missing or is not what it should be.
@@ -108,13 +121,15 @@ class Link:
         Raises:
             NodeSetupError: naming the file and what to do.
         """
-        if self.ca is None:
+        if self.insecure:
             return
+        assert self.ca is not None
         for flag, path in (("--ca", self.ca), ("--key", self.key)):
             if path is None or not path.is_file():
                 raise NodeSetupError(
                     f"{flag} {path or '(not given)'}: file not found. Use the files of this "
-                    "hospital's startup folder (--kit DIR), or --insecure for a local test")
+                    "hospital's startup folder (--kit DIR); a hospital makes its key with "
+                    "`python -m client keygen --kit DIR`")
         assert self.key is not None
         try:
             x509.load_pem_x509_certificate(self.ca.read_bytes())
@@ -125,12 +140,12 @@ class Link:
             load_ssh_private_key(self.key.read_bytes(), password=None)
         except ValueError:
             raise NodeSetupError(f"--key {self.key} is not an OpenSSH private key (use the "
-                                 "startup folder's NAME.key, not the .pub)") from None
+                                 "private/NAME.key that keygen wrote, not the .pub)") from None
 
 
 @dataclass(frozen=True)
 class Kit:
-    """A hospital's startup folder written by provisioning.
+    """A hospital's startup folder written by provisioning (it holds no secret).
 
     Attributes:
         folder: the folder.
@@ -138,7 +153,8 @@ class Kit:
         superlink: HOST:PORT of the server.
         partition_id: its number.
         num_partitions: hospitals provisioned with it.
-        key: its private key file.
+        key: its private key file, which the hospital makes itself with
+            ``python -m client keygen`` (absent until then).
         ca: the federation's CA certificate.
     """
 

@@ -1,8 +1,10 @@
 """The federation's public-key infrastructure: a CA, the server's certificate, node keys.
 
 Everything is EC P-384 (SHA-384 signatures). Certificates are PEM; hospital
-keys are OpenSSH, the format Flower's SuperNode authentication reads.
-Private files are created owner-only (0600) in owner-only (0700) folders.
+keys are OpenSSH, the format Flower's SuperNode authentication reads. The
+coordinating site only ever sees a hospital's public key (the hospital makes
+its pair, ``python -m client keygen``). Private files are created owner-only
+(0600) in owner-only (0700) folders.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -37,10 +40,17 @@ def write_file(path: Path, data: bytes, *, private: bool = False) -> None:
         path.write_bytes(data)
 
 
-def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """A private key as unencrypted PKCS#8 PEM (kept in owner-only files)."""
+def pem_key(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    """A private key as PKCS#8 PEM, encrypted with ``passphrase`` when one is given.
+
+    Unencrypted keys (the SuperLink's, which Flower reads without a passphrase)
+    are kept in owner-only files.
+    """
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase) if passphrase
+        else serialization.NoEncryption())
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
+                             encryption)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -96,14 +106,36 @@ def make_server_cert(ca_key: ec.EllipticCurvePrivateKey, ca_cert: x509.Certifica
     return key, cert
 
 
-def make_node_keys(name: str) -> tuple[bytes, bytes]:
-    """An EC P-384 key pair in OpenSSH format: (private, public) bytes."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                           serialization.PublicFormat.OpenSSH)
-    return private, public + f" medfed-{name}\n".encode()
+def node_public_key(path: Path) -> bytes:
+    """A hospital's public key file, checked: an EC P-384 key in OpenSSH format.
+
+    Returns:
+        The key as one OpenSSH line without its comment (``ecdsa-sha2-nistp384 BASE64``).
+
+    Raises:
+        ValueError: naming the file: unreadable, a private key, not OpenSSH, or
+            another key type or curve.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ValueError(f"{path}: {err.strerror or err}") from None
+    if b"PRIVATE KEY" in data:
+        raise ValueError(f"{path} is a PRIVATE key: it must never leave the hospital. Ask "
+                         "for the NAME.pub that `python -m client keygen` wrote")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, UnsupportedAlgorithm):
+        raise ValueError(f"{path} is not an OpenSSH public key (one line "
+                         "`ecdsa-sha2-nistp384 AAAA... NAME`, from `python -m client keygen`)"
+                         ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve,
+                                                                         ec.SECP384R1):
+        kind = (f"EC {key.curve.name}" if isinstance(key, ec.EllipticCurvePublicKey)
+                else type(key).__name__.removeprefix("_").replace("PublicKey", ""))
+        raise ValueError(f"{path} is a {kind} key; the federation needs EC P-384 "
+                         "(secp384r1), as `python -m client keygen` makes")
+    return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
 
 
 def certificate_expiry(path: Path) -> dt.datetime:

@@ -1,32 +1,38 @@
-"""Provision a federation: a CA, the server's TLS certificate, a key pair per hospital.
+"""Provision a federation: a CA, the server's TLS certificate, the hospitals' public keys.
 
     python -m server.provision init --out deploy --server-address coordinator.example.org:9092 \\
-        --hospitals site-a site-b site-c
+        --hospitals site-a site-b site-c [--ca-dir /media/ca-stick/deploy-ca]
+    python -m server.provision add-key --out deploy site-a site-a.pub   # the key site-a made
     python -m server.provision add --out deploy --hospitals site-d
-    python -m server.provision rekey --out deploy --hospitals site-b   # replace a key
+    python -m server.provision rekey --out deploy site-b site-b.pub     # site-b's new key
     python -m server.provision renew --out deploy            # new server certificate
     python -m server.provision renew --out deploy --ca       # new CA too (send new ca.crt)
     python -m server.provision show --out deploy
 
-``init`` writes (private keys mode 0600, their folders 0700):
+Every hospital makes its own key pair (``python -m client keygen --kit DIR``)
+and hands over only the public key; provisioning never writes a hospital's
+private key. ``init`` writes (private keys mode 0600, their folders 0700):
 
+    deploy-ca/                         the CA folder (``--ca-dir``): keep it offline
+        ca.key  ca.crt                 ca.key encrypted with a passphrase (see server/ca_key.py)
     deploy/federation.toml             server address, certificate names, hospitals in order
-    deploy/ca.key                      the certificate authority's key (keep it offline)
     deploy/server/                     the coordinating site's folder (``--certs`` of the server)
-        ca.crt  server.crt  server.key  hospitals/NAME.pub
-    deploy/hospitals/NAME/             the startup folder to hand to each hospital
-        NAME.key  ca.crt  hospital.toml  README.md
+        ca.crt  server.crt  server.key  hospitals/NAME.pub (from add-key)
+    deploy/hospitals/NAME/             the startup folder to hand to each hospital (no secret)
+        ca.crt  hospital.toml  README.md
 
-The server certificate names the ``--hosts`` (default: the host of
-``--server-address``) plus ``localhost`` and ``127.0.0.1``, which the
-coordinating site's own Flower CLI uses. Hospital keys are EC P-384 in
-OpenSSH format, as Flower's SuperNode authentication expects.
+``add-key`` checks that a hospital's ``NAME.pub`` is an EC P-384 OpenSSH
+public key and prints its fingerprint (the hospital's keygen printed the
+same: compare them over the phone); the server registers every key in
+``server/hospitals/`` when it starts (``python -m server.registry add`` for
+a running one). The server certificate names the ``--hosts`` (default: the
+host of ``--server-address``) plus ``localhost`` and ``127.0.0.1``, which the
+coordinating site's own Flower CLI uses.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import tomllib
@@ -34,39 +40,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
-from server.pki import (
-    CA_DAYS,
-    SERVER_DAYS,
-    certificate_expiry,
-    make_ca,
-    make_node_keys,
-    make_server_cert,
-    pem_key,
-    write_file,
-)
+from common.fingerprint import certificate_fingerprint
+from server.ca_key import OfflineCA, add_ca_options, cli_passphrase, default_ca_dir
+from server.hospital_keys import key_status, take_in
+from server.hospital_kit import toml_text, write_kit
+from server.pki import CA_DAYS, SERVER_DAYS, certificate_expiry, write_file
 
 FEDERATION_FILE = "federation.toml"
-KIT_FILE = "hospital.toml"
 LOCAL_NAMES = ("localhost", "127.0.0.1")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,62}")
 
 
 class ProvisionError(ValueError):
     """A provisioning request that cannot be carried out (the message says why)."""
-
-
-def _toml(values: dict[str, object]) -> str:
-    lines = []
-    for key, value in values.items():
-        if isinstance(value, list):
-            lines.append(f"{key} = [{', '.join(json.dumps(v) for v in value)}]")
-        else:
-            lines.append(f"{key} = {json.dumps(value)}")  # JSON strings/ints are valid TOML
-    return "\n".join(lines) + "\n"
 
 
 @dataclass(frozen=True)
@@ -85,9 +71,9 @@ class Federation:
 
     def write(self, out: Path) -> None:
         """Write ``out/federation.toml``."""
-        write_file(out / FEDERATION_FILE, _toml({"server-address": self.server_address,
-                                                 "hosts": self.hosts,
-                                                 "hospitals": self.hospitals}).encode())
+        write_file(out / FEDERATION_FILE, toml_text({"server-address": self.server_address,
+                                                     "hosts": self.hosts,
+                                                     "hospitals": self.hospitals}).encode())
 
 
 def read_federation(out: Path) -> Federation:
@@ -105,39 +91,32 @@ def read_federation(out: Path) -> Federation:
                       [str(h) for h in raw["hospitals"]])
 
 
-HOSPITAL_README = """# MedFed startup folder for hospital `{name}`
-
-Keep `{name}.key` secret: it is how the coordinating site recognizes this
-hospital. `ca.crt` lets this hospital check it talks to the real server;
-`hospital.toml` holds the server's address ({address}) and this hospital's
-name and number. Outbound TCP to {address} is all the node needs.
-
-1. Install MedFed once (Python 3.11+), in a checkout of its repository:
-
-       python3 -m venv .venv && .venv/bin/pip install "torch==2.13.*" -e .
-
-2. Start this hospital's node and leave it running (Ctrl-C stops it). It
-   waits for the server if the server is not up yet, and reconnects when the
-   server restarts:
-
-       .venv/bin/python -m client --kit /path/to/this/folder \\
-           --data-path /path/to/{name}/images --ledger-path /secure/{name}-privacy.json
-
-   Add `--device cuda` to train on a GPU and `--max-epsilon 8` to cap the
-   differential-privacy budget ever spent on this hospital's images.
-"""
-
-
 def _write_kit(out: Path, name: str, index: int, count: int, address: str) -> None:
-    kit = out / "hospitals" / name
-    private, public = make_node_keys(name)
-    write_file(kit / f"{name}.key", private, private=True)
-    write_file(out / "server" / "hospitals" / f"{name}.pub", public)
-    write_file(kit / "ca.crt", (out / "server" / "ca.crt").read_bytes())
-    write_file(kit / KIT_FILE, _toml({"hospital-name": name, "superlink": address,
-                                      "partition-id": index, "num-partitions": count,
-                                      "key": f"{name}.key", "ca": "ca.crt"}).encode())
-    write_file(kit / "README.md", HOSPITAL_README.format(name=name, address=address).encode())
+    write_kit(out / "hospitals" / name, name=name, index=index, count=count, address=address,
+              ca_pem=(out / "server" / "ca.crt").read_bytes())
+
+
+def _hospital_keys(out: Path) -> Path:
+    return out / "server" / "hospitals"
+
+
+def add_key(out: Path, name: str, public_key: Path, *, replace: bool = False) -> str:
+    """Take in the public key hospital ``name`` made (``python -m client keygen``).
+
+    Writes ``server/hospitals/NAME.pub`` (see :func:`server.hospital_keys.take_in`),
+    which the server registers when it starts or ``server.registry add`` while it runs.
+
+    Returns:
+        The key's fingerprint, to read back to the hospital.
+
+    Raises:
+        ProvisionError: ``name`` is not part of the federation.
+        KeyFileError: the key file cannot be taken in (the message names it).
+    """
+    if name not in read_federation(out).hospitals:
+        raise ProvisionError(f"no hospital {name!r} in {out / FEDERATION_FILE}: add it first "
+                             f"with `python -m server.provision add --hospitals {name}`")
+    return take_in(_hospital_keys(out), name, public_key, replace=replace)
 
 
 def _check_names(names: Sequence[str], taken: Sequence[str]) -> None:
@@ -155,33 +134,51 @@ def _check_address(address: str) -> str:
     return host.strip("[]")
 
 
-def _issue_server(out: Path, hosts: Sequence[str], days: int) -> None:
-    ca_key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
-    ca_cert = x509.load_pem_x509_certificate((out / "server" / "ca.crt").read_bytes())
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key, cert = make_server_cert(ca_key, ca_cert, hosts, days)
-    write_file(out / "server" / "server.key", pem_key(key), private=True)
-    write_file(out / "server" / "server.crt", cert.public_bytes(serialization.Encoding.PEM))
+def _offline_ca(out: Path, ca_dir: Path | None) -> OfflineCA:
+    ca = OfflineCA(ca_dir or default_ca_dir(out))
+    ca.check_outside(out)
+    if (out / "ca.key").exists():
+        raise ProvisionError(f"{out / 'ca.key'} lies inside the federation folder (as provision "
+                             f"wrote it before): move it to {ca.key}, keep that folder "
+                             "offline, and run again")
+    return ca
 
 
-def _write_ca(out: Path, days: int) -> None:
-    ca_key, ca_cert = make_ca(days)
-    write_file(out / "ca.key", pem_key(ca_key), private=True)
-    write_file(out / "server" / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
+def check_init(out: Path, ca_dir: Path | None, server_address: str,
+               hospitals: Sequence[str]) -> OfflineCA:
+    """Refuse an ``init`` that would overwrite a federation or a CA key, or has bad names.
+
+    Raises:
+        ProvisionError, CAKeyError: the message says which.
+    """
+    if (out / FEDERATION_FILE).exists():
+        raise ProvisionError(f"{out} already holds a federation: use `add` or `renew`")
+    ca = _offline_ca(out, ca_dir)
+    if ca.key.exists():
+        raise ProvisionError(f"{ca.key} exists (another federation's CA?): choose another "
+                             "--ca-dir")
+    _check_address(server_address)
+    _check_names(hospitals, [])
+    return ca
 
 
 def init(out: Path, *, server_address: str, hospitals: Sequence[str],
-         hosts: Sequence[str] = (), ca_days: int = CA_DAYS, server_days: int = SERVER_DAYS
-         ) -> None:
-    """Create a new federation in ``out`` (see the module docstring for the files)."""
-    if (out / "ca.key").exists():
-        raise ProvisionError(f"{out} already holds a federation: use `add` or `renew`")
+         hosts: Sequence[str] = (), ca_dir: Path | None = None,
+         ca_passphrase: bytes | None = None, ca_days: int = CA_DAYS,
+         server_days: int = SERVER_DAYS) -> None:
+    """Create a new federation in ``out`` and its CA in ``ca_dir`` (default ``OUT-ca``).
+
+    ``ca_passphrase`` encrypts the CA key; None writes it unencrypted (the
+    command line allows that only with ``--no-ca-passphrase``). No hospital
+    key is written: each hospital makes its own and sends the public half
+    (:func:`add_key`).
+    """
+    ca = check_init(out, ca_dir, server_address, hospitals)
     names = list(dict.fromkeys([*(hosts or [_check_address(server_address)]), *LOCAL_NAMES]))
-    _check_names(hospitals, [])
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     out.chmod(0o700)
-    _write_ca(out, ca_days)
-    _issue_server(out, names, server_days)
+    ca.create(out / "server", ca_passphrase, ca_days)
+    ca.issue_server(out / "server", ca_passphrase, names, server_days)
     for index, name in enumerate(hospitals):
         _write_kit(out, name, index, len(hospitals), server_address)
     Federation(server_address, names, list(hospitals)).write(out)
@@ -197,37 +194,38 @@ def add(out: Path, hospitals: Sequence[str]) -> None:
     Federation(fed.server_address, fed.hosts, everyone).write(out)
 
 
-def rekey(out: Path, name: str) -> None:
-    """A new key pair (and startup folder) for a hospital, e.g. after its key was removed."""
-    fed = read_federation(out)
-    if name not in fed.hospitals:
-        raise ProvisionError(f"no hospital {name!r} in {out / FEDERATION_FILE}; use `add`")
-    _write_kit(out, name, fed.hospitals.index(name), len(fed.hospitals), fed.server_address)
+def renew(out: Path, *, ca_dir: Path | None = None, ca_passphrase: bytes | None = None,
+          hosts: Sequence[str] = (), new_ca: bool = False, ca_days: int = CA_DAYS,
+          server_days: int = SERVER_DAYS) -> None:
+    """Issue a new server certificate (and with ``new_ca`` a new CA, copied into every kit).
 
-
-def renew(out: Path, *, hosts: Sequence[str] = (), new_ca: bool = False,
-          ca_days: int = CA_DAYS, server_days: int = SERVER_DAYS) -> None:
-    """Issue a new server certificate (and with ``new_ca`` a new CA, copied into every kit)."""
+    ``ca_passphrase`` opens the CA key in ``ca_dir`` (and encrypts a new one).
+    """
     fed = read_federation(out)
+    ca = _offline_ca(out, ca_dir)
     names = list(dict.fromkeys([*hosts, *LOCAL_NAMES])) if hosts else fed.hosts
     if new_ca:
-        _write_ca(out, ca_days)
+        ca.create(out / "server", ca_passphrase, ca_days)
         for kit in sorted((out / "hospitals").iterdir()):
             write_file(kit / "ca.crt", (out / "server" / "ca.crt").read_bytes())
-    _issue_server(out, names, server_days)
+    ca.issue_server(out / "server", ca_passphrase, names, server_days)
     Federation(fed.server_address, names, fed.hospitals).write(out)
 
 
 def show(out: Path) -> str:
-    """A short description: address, certificate names and expiry, hospitals."""
+    """A short description: address, certificates (expiry, CA fingerprint), hospitals' keys."""
     fed = read_federation(out)
-    ca = certificate_expiry(out / "server" / "ca.crt")
+    ca = out / "server" / "ca.crt"
     server = certificate_expiry(out / "server" / "server.crt")
+    keys = "\n".join(f"  {name}: {key_status(_hospital_keys(out), name)}"
+                     for name in fed.hospitals)
     return (f"server address: {fed.server_address}\n"
             f"server certificate names: {', '.join(fed.hosts)}\n"
             f"server certificate expires: {server:%Y-%m-%d}\n"
-            f"CA certificate expires: {ca:%Y-%m-%d}\n"
-            f"hospitals (partition order): {', '.join(fed.hospitals)}")
+            f"CA certificate expires: {certificate_expiry(ca):%Y-%m-%d}\n"
+            f"CA certificate fingerprint: {certificate_fingerprint(ca.read_bytes())}\n"
+            f"hospitals (partition order): {', '.join(fed.hospitals)}\n"
+            f"hospital keys:\n{keys}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -235,13 +233,16 @@ def _parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
     for action, text in (("init", "create a new federation"), ("add", "add hospitals"),
-                         ("rekey", "new keys for hospitals (a removed key is never "
-                                   "accepted again)"),
+                         ("add-key", "take in the public key a hospital made"),
+                         ("rekey", "take in a hospital's new public key (replaces its old)"),
                          ("renew", "issue a new server certificate"), ("show", "describe")):
         cmd = sub.add_parser(action, help=text)
         cmd.add_argument("--out", type=Path, required=True, help="the federation's folder")
-        if action in ("init", "add", "rekey"):
+        if action in ("init", "add"):
             cmd.add_argument("--hospitals", nargs="+", required=True, help="hospital names")
+        if action in ("add-key", "rekey"):
+            cmd.add_argument("name", help="the hospital")
+            cmd.add_argument("public_key", type=Path, help="the NAME.pub it sent")
         if action == "init":
             cmd.add_argument("--server-address", required=True,
                              help="HOST:PORT the hospitals dial (the server's --port)")
@@ -252,40 +253,65 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--days", type=int, default=SERVER_DAYS,
                              help="server certificate validity in days")
             cmd.add_argument("--ca-days", type=int, default=CA_DAYS, help="CA validity in days")
+            add_ca_options(cmd)
         if action == "renew":
             cmd.add_argument("--ca", action="store_true",
                              help="also a new CA: every hospital then needs the new ca.crt")
     return parser
 
 
+def _passphrase(args: argparse.Namespace, *, new: bool) -> bytes | None:
+    return cli_passphrase(OfflineCA(args.ca_dir or default_ca_dir(args.out)),
+                          args.ca_passphrase_file, new=new, allow_plain=args.no_ca_passphrase)
+
+
+def _init(args: argparse.Namespace, hosts: list[str]) -> None:
+    check_init(args.out, args.ca_dir, args.server_address, args.hospitals)
+    init(args.out, server_address=args.server_address, hospitals=args.hospitals, hosts=hosts,
+         ca_dir=args.ca_dir, ca_passphrase=_passphrase(args, new=True),
+         ca_days=args.ca_days, server_days=args.days)
+    out = args.out
+    print(f"federation written to {out}; its CA key is in {args.ca_dir or default_ca_dir(out)}: "
+          "keep that folder offline (only `renew` needs it). Next:\n"
+          f"  1. hand {out}/hospitals/NAME/ to each hospital (it holds no secret; read them "
+          "the CA fingerprint below to compare)\n"
+          "  2. each hospital runs `python -m client keygen --kit DIR` and sends you NAME.pub\n"
+          f"  3. take each in: `python -m server.provision add-key --out {out} NAME NAME.pub`, "
+          "and read the fingerprint it prints back to the hospital\n"
+          f"  4. start the server with --certs {out / 'server'}")
+
+
+def _add_key(args: argparse.Namespace) -> None:
+    replace = args.action == "rekey"
+    fingerprint = add_key(args.out, args.name, args.public_key, replace=replace)
+    print(f"{args.name}: key taken in from {args.public_key}\n  fingerprint {fingerprint}\n"
+          "Read it back to the hospital: it must be the one its keygen printed. The server "
+          "registers it when it starts; while it runs: `python -m server.registry add "
+          f"--certs {args.out / 'server'} {args.name}`"
+          + ("; the old key is refused from then on" if replace else ""))
+
+
 def main(argv: Sequence[str]) -> int:
-    """Command line; returns the exit code."""
+    """Command line; returns the exit code (2: refused, with a message)."""
     args = _parser().parse_args(argv)
     hosts = [h.strip() for h in getattr(args, "hosts", "").split(",") if h.strip()]
     try:
         if args.action == "init":
-            init(args.out, server_address=args.server_address, hospitals=args.hospitals,
-                 hosts=hosts, ca_days=args.ca_days, server_days=args.days)
-            print(f"federation written to {args.out}: start the server with "
-                  f"--certs {args.out / 'server'}; hand {args.out}/hospitals/NAME/ to each "
-                  "hospital (by a channel you trust: it holds the hospital's private key)")
+            _init(args, hosts)
         elif args.action == "add":
             add(args.out, args.hospitals)
-            print(f"added {', '.join(args.hospitals)}: register with `python -m server.registry "
-                  f"add --certs {args.out / 'server'} NAME` while the server runs")
-        elif args.action == "rekey":
-            for name in args.hospitals:
-                rekey(args.out, name)
-            print(f"new keys for {', '.join(args.hospitals)}: hand over the new startup "
-                  f"folders, then `python -m server.registry add --certs {args.out / 'server'} "
-                  "NAME`")
+            print(f"added {', '.join(args.hospitals)}: hand over their startup folders; take "
+                  "in the NAME.pub each sends back with `add-key`")
+        elif args.action in ("add-key", "rekey"):
+            _add_key(args)
         elif args.action == "renew":
-            renew(args.out, hosts=hosts, new_ca=args.ca, ca_days=args.ca_days,
-                  server_days=args.days)
+            read_federation(args.out)
+            renew(args.out, ca_dir=args.ca_dir, ca_passphrase=_passphrase(args, new=args.ca),
+                  hosts=hosts, new_ca=args.ca, ca_days=args.ca_days, server_days=args.days)
             print("new certificate written; restart the server"
                   + (" and give every hospital its new ca.crt" if args.ca else ""))
         print(show(args.out))
-    except (ProvisionError, OSError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -20,8 +20,10 @@ import psutil
 import pytest
 import torch
 
+from client.keys import keygen
+from client.node import read_kit
 from common.processes import ManagedProcess, free_port, stop_pids
-from server.provision import init, rekey
+from server.provision import add_key, init
 from server.registry import RegistrationError, flwr_json, list_nodes, register_all, remove
 from server.runner import Connection
 from server.superlink import Certificates, connection, superlink_process, wait_until_listening
@@ -34,13 +36,21 @@ SMALL = ["data.samples_per_hospital=40", "model.channels=[8,16]", "data.batch_si
          "federation.num_hospitals=3"]
 
 
+def provision(out: Path, address: str, hospitals: list[str]) -> None:
+    """The coordinator provisions, each hospital makes its own key in its startup folder
+    (``python -m client keygen``), the coordinator takes in the public keys (``add-key``)."""
+    init(out, server_address=address, hospitals=hospitals)
+    for name in hospitals:
+        add_key(out, name, keygen(read_kit(out / "hospitals" / name)))
+
+
 class Federation:
     """A provisioned federation on loopback whose processes a test starts and stops."""
 
     def __init__(self, root: Path) -> None:
         self.root, self.port = root, free_port()
         self.deploy = root / "deploy"
-        init(self.deploy, server_address=f"127.0.0.1:{self.port}", hospitals=HOSPITALS)
+        provision(self.deploy, f"127.0.0.1:{self.port}", HOSPITALS)
         self.certs = Certificates(self.deploy / "server")
         self.run_dir = root / "run"
         self.started: list[ManagedProcess] = []
@@ -139,7 +149,7 @@ def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federati
                          kit=fed.deploy / "hospitals" / "site-a")
     stranger = fed.hospital("site-b")  # provisioned, but its key is not registered
     other = fed.root / "other"
-    init(other, server_address=conn.address, hospitals=["intruder"])
+    provision(other, conn.address, ["intruder"])
     wrong_ca = fed.hospital("intruder", kit=other / "hospitals" / "intruder")
     member = fed.hospital("site-a")
 
@@ -166,7 +176,8 @@ def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federati
     retired.replace(certs.folder / "hospitals" / "site-a.pub")  # put back: still refused
     with pytest.raises(RegistrationError, match="never accepts it again"):
         register_all(certs, conn, home, ["site-a"])
-    rekey(fed.deploy, "site-a")  # a new key can join again
+    kit = read_kit(fed.deploy / "hospitals" / "site-a")  # a new key (keygen --force) can join
+    add_key(fed.deploy, "site-a", keygen(kit, force=True), replace=True)  # provision rekey
     assert register_all(certs, conn, home, ["site-a"])[0].startswith("site-a: registered as")
 
 
@@ -178,7 +189,7 @@ def test_three_hospitals_train_over_tls_and_a_stranger_is_refused(
     for name in HOSPITALS:
         fed.hospital(name)
     other = fed.root / "other"
-    init(other, server_address=f"127.0.0.1:{fed.port}", hospitals=["intruder"])
+    provision(other, f"127.0.0.1:{fed.port}", ["intruder"])
     stranger = fed.hospital("intruder", "--ca", str(fed.certs.ca),
                             kit=other / "hospitals" / "intruder")
     server = fed.server("federation.rounds=2", "federation.min_train=3",

@@ -31,6 +31,15 @@ def test_server_reports_config_typos(certs: Path, capsys: pytest.CaptureFixture)
     assert "unknown config key 'federation.roundz'" in capsys.readouterr().err
 
 
+def test_server_refuses_the_ca_folder_as_its_certs(certs: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    """The CA folder (kept offline) is not a server folder, and the server folder holds no
+    CA key."""
+    assert server_main(["--certs", str(tmp_path / "deploy-ca")]) == 2
+    assert "server.crt not found" in capsys.readouterr().err
+    assert not list(certs.rglob("ca.key")) and (tmp_path / "deploy-ca" / "ca.key").is_file()
+
+
 def test_registry_needs_the_sites_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert registry_main(["list", "--certs", str(tmp_path)]) == 1
     assert "ca.crt not found" in capsys.readouterr().err

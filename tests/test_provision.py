@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.serialization import (
 from flwr.common.config import parse_config_args
 
 from client.__main__ import main as client_main
+from client.keys import keygen
 from client.node import (
     HospitalSettings,
     Link,
@@ -26,18 +27,23 @@ from client.node import (
     supernode_argv,
     write_node_config,
 )
-from server.provision import add, init, main, read_federation, rekey, renew
+from server.ca_key import CAKeyError, OfflineCA
+from server.provision import add, add_key, init, main, read_federation, renew
 from server.registry import fingerprint
 from server.superlink import CertificateError, Certificates
 
 HOSPITALS = ["site-a", "site-b", "site-c"]
+PASSPHRASE = b"correct horse battery staple"
 
 
 @pytest.fixture
 def fed(tmp_path: Path) -> Path:
+    """A federation whose hospitals made their keys and whose coordinator took them in."""
     out = tmp_path / "deploy"
     init(out, server_address="coordinator.example.org:9092", hospitals=HOSPITALS,
          hosts=["coordinator.example.org", "10.0.0.5"])
+    for name in HOSPITALS:
+        add_key(out, name, keygen(read_kit(out / "hospitals" / name)))
     return out
 
 
@@ -46,8 +52,8 @@ def mode(path: Path) -> int:
 
 
 def test_private_keys_are_owner_only(fed: Path) -> None:
-    private = [fed / "ca.key", fed / "server" / "server.key",
-               *(fed / "hospitals" / h / f"{h}.key" for h in HOSPITALS)]
+    private = [fed.parent / "deploy-ca" / "ca.key", fed / "server" / "server.key",
+               *(fed / "hospitals" / h / "private" / f"{h}.key" for h in HOSPITALS)]
     for path in private:
         assert mode(path) == 0o600, path
         assert mode(path.parent) == 0o700, path.parent
@@ -55,13 +61,12 @@ def test_private_keys_are_owner_only(fed: Path) -> None:
 
 def test_hospital_keys_are_p384_openssh_pairs(fed: Path) -> None:
     for name in HOSPITALS:
-        private = load_ssh_private_key((fed / "hospitals" / name / f"{name}.key").read_bytes(),
-                                       password=None)
+        kit = read_kit(fed / "hospitals" / name)
+        private = load_ssh_private_key(kit.key.read_bytes(), password=None)
         public = load_ssh_public_key((fed / "server" / "hospitals" / f"{name}.pub").read_bytes())
         assert isinstance(private, ec.EllipticCurvePrivateKey)
         assert isinstance(private.curve, ec.SECP384R1)
-        assert private.public_key() == public
-        assert not (fed / "hospitals" / name / f"{name}.pub").exists()  # server side only
+        assert private.public_key() == public  # the key on file is the one the hospital made
 
 
 def test_server_certificate_chains_to_the_ca_and_names_the_hosts(fed: Path) -> None:
@@ -85,6 +90,7 @@ def test_startup_folder_names_server_hospital_and_its_number(fed: Path) -> None:
     assert kit.key.is_file() and kit.ca.is_file()
     readme = (fed / "hospitals" / "site-b" / "README.md").read_text()
     assert "python -m client --kit" in readme and "pip install" in readme
+    assert "python -m client keygen --kit" in readme and "holds no secret" in readme
 
 
 def test_add_rekey_and_renew(fed: Path) -> None:
@@ -94,7 +100,8 @@ def test_add_rekey_and_renew(fed: Path) -> None:
     add(fed, ["site-d"])
     assert read_kit(fed / "hospitals" / "site-d").partition_id == 3
     assert read_federation(fed).hospitals == [*HOSPITALS, "site-d"]
-    rekey(fed, "site-b")
+    new_pub = keygen(read_kit(fed / "hospitals" / "site-b"), force=True)  # at the hospital
+    add_key(fed, "site-b", new_pub, replace=True)  # `provision rekey` at the coordinator
     assert fingerprint(fed / "server" / "hospitals" / "site-b.pub") != old_key
     renew(fed)
     assert (fed / "server" / "server.crt").read_bytes() != old_cert
@@ -117,6 +124,15 @@ def test_cli_refuses_to_overwrite_or_duplicate(fed: Path, capsys: pytest.Capture
     assert main(["init", "--out", str(fed.parent / "x"), "--server-address", "no-port",
                  "--hospitals", "a"]) == 2
     assert "must be HOST:PORT" in capsys.readouterr().err
+    fresh = ["init", "--out", str(fed.parent / "y"), "--server-address", "h:1", "--hospitals", "a"]
+    assert main(fresh) == 2  # no passphrase, no terminal, no --no-ca-passphrase
+    assert "the CA key needs a passphrase" in capsys.readouterr().err
+    assert not (fed.parent / "y").exists()
+    assert main([*fresh, "--ca-dir", str(fed.parent / "y" / "ca"), "--no-ca-passphrase"]) == 2
+    assert "lies inside the federation folder" in capsys.readouterr().err
+    assert main([*fresh, "--no-ca-passphrase"]) == 0
+    assert "UNENCRYPTED" in capsys.readouterr().err
+    assert not OfflineCA(fed.parent / "y-ca").encrypted()
     assert main(["show", "--out", str(fed)]) == 0
     assert "server certificate expires" in capsys.readouterr().out
 
@@ -134,6 +150,40 @@ def test_server_checks_certificates(fed: Path) -> None:
         certs.check()
 
 
+def test_ca_key_is_encrypted_and_renew_needs_its_passphrase(
+        tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    out, ca = tmp_path / "deploy", OfflineCA(tmp_path / "offline")
+    init(out, server_address="127.0.0.1:9092", hospitals=["site-a"], ca_dir=ca.folder,
+         ca_passphrase=PASSPHRASE)
+    assert ca.encrypted() and ca.key.read_bytes().startswith(b"-----BEGIN ENCRYPTED")
+    with pytest.raises(CAKeyError, match="protected by a passphrase"):
+        ca.load(None)
+    with pytest.raises(CAKeyError, match="wrong passphrase"):
+        ca.load(b"not the passphrase at all")
+    assert ca.load(PASSPHRASE)[1].public_bytes(Encoding.PEM) == (out / "server" / "ca.crt"
+                                                                  ).read_bytes()
+    old_cert = (out / "server" / "server.crt").read_bytes()
+    renew_cli = ["renew", "--out", str(out), "--ca-dir", str(ca.folder)]
+    assert main(renew_cli) == 2
+    assert "protected by a passphrase" in capsys.readouterr().err
+    assert (out / "server" / "server.crt").read_bytes() == old_cert  # nothing changed
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"wrong passphrase, long\n")
+    assert main([*renew_cli, "--ca-passphrase-file", str(secret)]) == 2
+    assert "wrong passphrase" in capsys.readouterr().err
+    secret.write_bytes(PASSPHRASE + b"\n")
+    assert main([*renew_cli, "--ca-passphrase-file", str(secret)]) == 0
+    new_cert = x509.load_pem_x509_certificate((out / "server" / "server.crt").read_bytes())
+    new_cert.verify_directly_issued_by(ca.load(PASSPHRASE)[1])
+    assert new_cert.public_bytes(Encoding.PEM) != old_cert
+    monkeypatch.setenv("MEDFED_CA_PASSPHRASE", "short")
+    assert main([*renew_cli, "--ca"]) == 2  # a new CA key needs a long passphrase
+    assert "at least 12 characters" in capsys.readouterr().err
+    monkeypatch.setenv("MEDFED_CA_PASSPHRASE", PASSPHRASE.decode())
+    assert main(renew_cli) == 0
+    assert not (out / "ca.key").exists() and not list(out.rglob("ca.key"))
+
+
 def test_node_config_reaches_flower_intact(tmp_path: Path) -> None:
     odd = tmp_path / 'data "quoted" dir with spaces ü'
     settings = HospitalSettings(name="site-a", partition_id=1, num_partitions=3,
@@ -146,7 +196,7 @@ def test_node_config_reaches_flower_intact(tmp_path: Path) -> None:
         "ledger-path": str(tmp_path / "ledger.json")}
     assert parse_config_args([str(write_node_config(
         HospitalSettings("b", 0, 1).node_config(), tmp_path / "min.toml"))]) == {
-        "hospital-name": "b", "partition-id": 0, "num-partitions": 1}
+        "hospital-name": "b", "partition-id": 0, "num-partitions": 1, "delta": 1e-5}
 
 
 def test_supernode_command_line(fed: Path, tmp_path: Path) -> None:
@@ -159,8 +209,11 @@ def test_supernode_command_line(fed: Path, tmp_path: Path) -> None:
     assert argv[argv.index("--port") + 1] == "9555"
     assert argv[argv.index("--max-wait-time") + 1] == "600"
     assert "--insecure" not in argv and "--max-retries" not in argv
-    insecure = supernode_argv(Link("127.0.0.1:9092", None, None), tmp_path / "n.toml")
+    insecure = supernode_argv(Link("127.0.0.1:9092", None, None, insecure=True),
+                              tmp_path / "n.toml")
     assert "--insecure" in insecure and "--root-certificates" not in insecure
+    with pytest.raises(NodeSetupError, match="no CA certificate"):
+        Link("127.0.0.1:9092", None, None)  # never insecure without asking
 
 
 def test_hospital_settings_are_checked() -> None:
@@ -187,6 +240,10 @@ def test_client_explains_missing_or_wrong_files(fed: Path, tmp_path: Path,
     assert "--partition-id is required" in capsys.readouterr().err
     assert client_main(["--kit", str(kit), "--data-path", str(tmp_path / "none")]) == 2
     assert "is not an existing folder" in capsys.readouterr().err
+    (kit / "private" / "site-a.key").unlink()
+    assert client_main(["--kit", str(kit)]) == 2
+    assert f"no key yet. Make it with `python -m client keygen --kit {kit}`" in (
+        capsys.readouterr().err)
 
 
 def test_refusals_are_explained() -> None:
