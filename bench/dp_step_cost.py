@@ -35,7 +35,7 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[st
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from client.dp_sgd import start_dp_round
+    from client.dp_sgd import make_private, poisson_loader
     from common.config import ModelConfig, PrivacyConfig, TaskConfig
     from common.models import build_model
     from common.training import make_loss
@@ -51,9 +51,10 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[st
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     if dp:
-        dp_round = start_dp_round(model=model, optimizer=optimizer, loader=loader,
-                                  privacy=PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0),
-                                  planned_epochs=1, round_epochs=1, run_history=[])
+        privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0)
+        dp_round = make_private(model=model, optimizer=optimizer, loader=poisson_loader(loader),
+                                noise_multiplier=1.0, max_grad_norm=privacy.max_grad_norm,
+                                accountant=privacy.accountant)
         optimizer, loader = dp_round.optimizer, dp_round.loader
     criterion = make_loss(task)
     base_mb = _peak_rss_mb()

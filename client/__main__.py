@@ -26,7 +26,9 @@ import time
 from collections import deque
 from pathlib import Path
 
+from client.hospital import DEFAULT_DELTA
 from client.node import (
+    LEDGER_FILE,
     NODE_CONFIG_FILE,
     HospitalSettings,
     Kit,
@@ -65,8 +67,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--data-path", type=Path, help="this hospital's data folder (its whole dataset)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device")
     p.add_argument("--max-epsilon", type=float, help="most DP epsilon ever spent on this data")
-    p.add_argument("--delta", type=float, help="delta of that ceiling")
-    p.add_argument("--ledger-path", type=Path, help="privacy ledger file on this hospital's disk")
+    p.add_argument("--delta", type=float,
+                   help=f"delta this hospital accounts at (default {DEFAULT_DELTA:g})")
+    p.add_argument("--ledger-path", type=Path, help="privacy ledger file on this hospital's "
+                   f"disk (default: KIT/{LEDGER_FILE}, or HOME/{LEDGER_FILE} without a kit)")
+    p.add_argument("--allowed-metrics", help="comma-separated metric names that may leave "
+                   "(default: the ones MedFed sends)")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connections")
     p.add_argument("--max-wait-time", type=float, help="give up after this many seconds away")
     p.add_argument("--port", type=int, help="local ClientApp runtime port (default: a free one)")
@@ -116,17 +122,22 @@ def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
         if path is not None and not path.is_dir():
             raise NodeSetupError(f"{flag} {path} is not an existing folder")
     name = str(_pick(args.name, kit, "name", "--name"))
+    home = (args.home or (kit.folder / "node" if kit else Path(f"medfed-node-{name}"))).resolve()
+    # The ledger is the hospital's: never in a folder the server names
+    ledger = args.ledger_path or (kit.folder if kit else home) / LEDGER_FILE
+    metrics = args.allowed_metrics and tuple(m.strip() for m in args.allowed_metrics.split(",")
+                                             if m.strip())
     settings = HospitalSettings(
         name=name,
         partition_id=int(str(_pick(args.partition_id, kit, "partition_id", "--partition-id"))),
         num_partitions=int(str(_pick(args.num_partitions, kit, "num_partitions",
                                      "--num-partitions"))),
         data_path=args.data_path and str(args.data_path.resolve()),
-        device=args.device, max_epsilon=args.max_epsilon, delta=args.delta,
-        ledger_path=args.ledger_path and str(args.ledger_path.resolve()))
+        device=args.device, max_epsilon=args.max_epsilon,
+        delta=DEFAULT_DELTA if args.delta is None else args.delta,
+        ledger_path=str(ledger.resolve()), allowed_metrics=metrics or None)
     link = _link(args, kit, str(_pick(args.superlink, kit, "superlink", "--superlink")))
-    home = args.home or (kit.folder / "node" if kit else Path(f"medfed-node-{name}"))
-    return settings, link, home.resolve()
+    return settings, link, home
 
 
 def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
@@ -191,6 +202,7 @@ def main(argv: list[str]) -> int:
                           home / "node.log", env={"FLWR_HOME": str(home / "flwr-home")})
     log.info("[MedFed] %s: node for %s starting (%s); log: %s", settings.name, link.superlink,
              "INSECURE" if link.ca is None else "TLS, registered key", node.log_path)
+    log.info("[MedFed] %s: %s", settings.name, settings.policy())
     offset = node.log_path.stat().st_size if node.log_path.exists() else 0
     try:
         with running(node):

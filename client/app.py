@@ -2,31 +2,28 @@
 
 Each handler reads the experiment settings and the hospital's own settings
 once at the top, calls a plain function of :mod:`client.local`, and packs
-the reply. Only model weights and scalar metrics leave the hospital.
+the reply. Only model weights and scalar metrics leave the hospital. A run's
+privacy history lives in the hospital's ledger alone (nothing in the node's
+state), so a restarted node continues from it.
 """
 
 from __future__ import annotations
 
-import json
-
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.clipping import client_level_clipping_mod
-from client.dp_sgd import BudgetExceededError
 from client.guard import only_weights_mod
-from client.hospital import hospital_from_node_config
+from client.hospital import RoundDeclinedError, hospital_from_node_config
 from client.local import evaluate_round, train_round
 from client.privacy_ledger import LedgerError
 from common import wire
 from common.config import settings_from_json
 from common.logs import medfed_logger
 
-DP_STATE = "medfed-dp"
-"""Node-state record holding this run's DP-SGD history (JSON list of mechanisms)."""
-DP_HISTORY = "history"
 DECLINED = 4001
-"""Error code of a round a hospital declines (privacy ceiling, unreadable ledger)."""
+"""Error code of a round a hospital declines (its policy, its privacy ceiling, an
+unreadable ledger)."""
 
 log = medfed_logger()
 
@@ -42,11 +39,8 @@ def train(msg: Message, context: Context) -> Message:
     hospital = hospital_from_node_config(context.node_config)
     config = msg.content.config_records[wire.CONFIG]
 
-    # This run's DP-SGD history so far, kept in the node's state between rounds
-    saved = context.state.config_records.get(DP_STATE)
-    history = json.loads(str(saved[DP_HISTORY])) if saved else []
-
-    # Train locally on the global weights (declined if DP would cross the ceiling)
+    # Train locally on the global weights (declined if the hospital's policy
+    # forbids the round or DP-SGD would cross its ceiling)
     try:
         result = train_round(
             settings,
@@ -55,12 +49,10 @@ def train(msg: Message, context: Context) -> Message:
             server_round=int(wire.scalar(config[wire.SERVER_ROUND])),
             proximal_mu=wire.scalar(config.get(wire.PROXIMAL_MU, 0.0)),
             run_id=str(context.run_id),
-            privacy_state=history,
         )
-    except (BudgetExceededError, LedgerError) as err:
+    except (RoundDeclinedError, LedgerError) as err:
         log.warning("[MedFed] %s declines round: %s", hospital.name, err)
         return Message(Error(code=DECLINED, reason=f"{hospital.name}: {err}"), reply_to=msg)
-    context.state[DP_STATE] = ConfigRecord({DP_HISTORY: json.dumps(result.privacy_state)})
 
     # Reply with the weights and scalar metrics only
     content = RecordDict({

@@ -1,34 +1,40 @@
-"""Sample-level DP-SGD at a hospital (Opacus), accounted across rounds and runs.
+"""Sample-level DP-SGD at a hospital (Opacus): the pieces of one round.
 
 Each round a fresh Opacus ``PrivacyEngine`` wraps the model with Poisson
-sampling and per-sample clipping, but its accountant is given the history of
-every earlier round of this run (kept in the node's state), so the epsilon
-after round k covers rounds 1..k. Earlier runs on the same data come from the
-hospital's :class:`~client.privacy_ledger.PrivacyLedger` and are composed in.
+sampling and per-sample clipping; its accountant records only this round's
+steps. What was spent before (earlier rounds of this run, earlier runs on
+the same data) lives in the hospital's
+:class:`~client.privacy_ledger.PrivacyLedger` alone, and every epsilon is
+computed over that history by :func:`epsilon_spent`. The protocol of a round
+(reserve, make private, train, settle) is :func:`client.dp_round.dp_train_round`.
 
 What an epsilon here means: an (epsilon, delta) sample-level guarantee for
 this hospital's training data over everything released so far (all rounds
 of this run, plus earlier runs in the ledger): for any one patient image,
 the distribution of all model updates this hospital sent changes by at most
-a factor e^epsilon (plus delta) whether or not that image was in its data.
-It says nothing about other hospitals' data, about evaluation metrics (which
-are not noised), or about data reused outside MedFed.
+a factor e^epsilon (plus delta) whether or not that image was in its data
+(Opacus' add/remove-one accounting). The training reply also carries
+``num-examples`` = N, the size of the training split, and ``sample-rate`` =
+1/ceil(N/B): N is revealed and treated as public. The epsilon says nothing
+about other hospitals' data, about evaluation metrics (which are not
+noised), about when the reply arrives (wall-clock time depends on the
+batches drawn), or about data reused outside MedFed.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from client.hospital import RoundDeclinedError
 from client.privacy_ledger import Mechanism
 from common import wire
-from common.config import PrivacyConfig
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
@@ -38,7 +44,7 @@ if TYPE_CHECKING:
 # with or without DP-SGD.
 
 
-class BudgetExceededError(RuntimeError):
+class BudgetExceededError(RoundDeclinedError):
     """Training this round would take a hospital past its privacy ceiling."""
 
 
@@ -74,7 +80,9 @@ class PrivacyReport:
     """A hospital's privacy spend after a round.
 
     Attributes:
-        epsilon: cumulative epsilon on this data (this run and earlier runs).
+        epsilon: cumulative epsilon on this data: every mechanism the
+            ledger counts (all runs' settled rounds, this one included, and
+            rounds of other runs reserved but not settled yet).
         run_epsilon: cumulative epsilon of this run's rounds alone.
         delta: the delta both epsilons hold at.
         noise_multiplier: sigma used this round (noise std / clipping norm).
@@ -93,7 +101,7 @@ class PrivacyReport:
 
     def metrics(self) -> dict[str, float]:
         """The figures as reply metrics (wire names)."""
-        return {wire.EPSILON: self.epsilon, "run-epsilon": self.run_epsilon,
+        return {wire.EPSILON: self.epsilon, wire.RUN_EPSILON: self.run_epsilon,
                 wire.DELTA: self.delta, wire.NOISE_MULTIPLIER: self.noise_multiplier,
                 wire.SAMPLE_RATE: self.sample_rate, wire.DP_STEPS: float(self.steps)}
 
@@ -107,11 +115,6 @@ class DPRound:
     loader: DataLoader
     engine: PrivacyEngine
     hooks: Any
-    privacy: PrivacyConfig
-    delta: float
-    noise_multiplier: float
-    sample_rate: float
-    prior: list[Mechanism] = field(default_factory=list)
 
     def empty_batch(self) -> None:
         """Prepare a noise-only step for a batch Poisson sampling left empty.
@@ -124,17 +127,10 @@ class DPRound:
                 param.grad_sample = torch.zeros(  # type: ignore[attr-defined]
                     0, *param.shape, device=param.device)
 
-    def finish(self) -> tuple[PrivacyReport, list[Mechanism]]:
-        """Stop the per-sample hooks; return the report and this run's history."""
+    def finish(self) -> list[Mechanism]:
+        """Stop the per-sample hooks; return the mechanisms this round applied."""
         self.hooks.cleanup()
-        history = [(float(z), float(q), int(n)) for z, q, n in self.engine.accountant.history]
-        kind = self.privacy.accountant
-        report = PrivacyReport(
-            epsilon=epsilon_spent(self.prior + history, delta=self.delta, accountant=kind),
-            run_epsilon=epsilon_spent(history, delta=self.delta, accountant=kind),
-            delta=self.delta, noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate, steps=sum(n for _, _, n in history), accountant=kind)
-        return report, history
+        return [(float(z), float(q), int(n)) for z, q, n in self.engine.accountant.history]
 
 
 def _secret_generator() -> torch.Generator:
@@ -142,59 +138,38 @@ def _secret_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def start_dp_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                   privacy: PrivacyConfig, planned_epochs: int, round_epochs: int,
-                   run_history: Sequence[Mechanism], prior_history: Sequence[Mechanism] = (),
-                   ceiling_epsilon: float | None = None, delta: float | None = None) -> DPRound:
-    """Make ``model`` private for one round, after checking the hospital's ceiling.
+def poisson_loader(loader: DataLoader) -> DataLoader:
+    """``loader`` with Poisson sampling drawn from OS entropy.
 
-    Args:
-        model: the global model, weights loaded (Opacus hooks it in place).
-        optimizer: optimizer over ``model``.
-        loader: the training loader; its batch size sets the sample rate.
-        privacy: clipping norm, noise (fixed or target epsilon), accountant.
-        planned_epochs: epochs the whole run plans (rounds x local epochs);
-            a calibrated sigma meets ``privacy.target_epsilon`` after them.
-        round_epochs: epochs of this round.
-        run_history: mechanisms of this run's earlier rounds (node state).
-        prior_history: mechanisms of earlier runs on this data (ledger).
-        ceiling_epsilon: the most epsilon the hospital allows on its data.
-        delta: delta for accounting; defaults to ``privacy.delta``.
-
-    Raises:
-        BudgetExceededError: this round would take the cumulative epsilon on
-            this data past ``ceiling_epsilon``; nothing has been trained.
+    The coins never come from the run's seed (which the server knows):
+    amplification by sampling needs secret coins. Each epoch has
+    ``len(loader)`` batches whatever is drawn, each image in each with
+    probability ``1 / len(loader)``.
     """
-    from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
-    delta = privacy.delta if delta is None else delta
-    # Poisson sampling and noise draw from OS entropy, never from the run's
-    # seed (which the server knows): amplification by sampling needs secret coins
-    poisson = DPDataLoader.from_data_loader(loader, generator=_secret_generator())
-    # Account with the rate and step count Opacus records (1/len of the Poisson
-    # loader, never below the rate it samples at), so checks and reports agree
-    steps_per_epoch = len(poisson)
-    sample_rate = 1.0 / steps_per_epoch
-    sigma = privacy.noise_multiplier or calibrate_noise(
-        target_epsilon=privacy.target_epsilon, delta=delta, sample_rate=sample_rate,
-        steps=planned_epochs * steps_per_epoch, accountant=privacy.accountant)
-    planned = [*prior_history, *run_history, (sigma, sample_rate, round_epochs * steps_per_epoch)]
-    would_be = epsilon_spent(planned, delta=delta, accountant=privacy.accountant)
-    if ceiling_epsilon is not None and would_be > ceiling_epsilon:
-        spent = epsilon_spent([*prior_history, *run_history], delta=delta,
-                              accountant=privacy.accountant)
-        raise BudgetExceededError(
-            f"privacy ceiling: this round would bring epsilon on this hospital's data from "
-            f"{spent:.3f} to {would_be:.3f} (delta={delta:g}), above the hospital's ceiling "
-            f"max-epsilon={ceiling_epsilon:g}; the round is declined and nothing was trained")
-    engine = PrivacyEngine(accountant=privacy.accountant)
+    return DPDataLoader.from_data_loader(loader, generator=_secret_generator())
+
+
+def make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                 noise_multiplier: float, max_grad_norm: float, accountant: str) -> DPRound:
+    """Hook ``model`` for per-sample clipping and noise over a Poisson ``loader``.
+
+    Args:
+        model: the model, weights loaded (hooked in place; keys unchanged).
+        optimizer: optimizer over ``model``.
+        loader: from :func:`poisson_loader`.
+        noise_multiplier: noise std / clipping norm.
+        max_grad_norm: per-sample L2 clipping norm.
+        accountant: ``prv`` or ``rdp`` (records this round's steps).
+    """
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant=accountant)
     hooks, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=poisson, noise_multiplier=sigma,
-        max_grad_norm=privacy.max_grad_norm, poisson_sampling=False, wrap_model=False,
-        noise_generator=_secret_generator())
+        module=model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        poisson_sampling=False, wrap_model=False, noise_generator=_secret_generator())
     hooks.forbid_grad_accumulation()  # as make_private does for Poisson sampling
-    engine.accountant.history = [(float(z), float(q), int(n)) for z, q, n in run_history]
     return DPRound(model=model, optimizer=dp_optimizer, loader=dp_loader, engine=engine,
-                   hooks=hooks, privacy=privacy, delta=delta, noise_multiplier=sigma,
-                   sample_rate=sample_rate, prior=list(prior_history))
+                   hooks=hooks)

@@ -8,6 +8,10 @@ exactly as it would leave the hospital. What may leave:
   values only, plus MetricRecords of finite ``int``/``float`` scalars;
 - a reply to any other message (``evaluate``, ``query``): MetricRecords of
   finite scalars only;
+- metric names only from the hospital's ``allowed-metrics`` (its node
+  config; default: what MedFed sends), and in a DP-SGD run's training reply
+  only :data:`common.wire.DP_TRAIN_METRICS` (the privacy figures, the count
+  and the hospital's number: no loss, no timing);
 - an error reply built by the ClientApp (its code and a reason cut to
   :data:`MAX_REASON` characters).
 
@@ -30,6 +34,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.hospital import allowed_metrics
+from common import wire
+from common.config import settings_from_json
 from common.logs import medfed_logger
 
 REFUSED = 4003
@@ -80,29 +87,52 @@ def _checked_arrays(name: str, record: ArrayRecord,
     return ArrayRecord(array_dict=clean)
 
 
-def _checked_metrics(name: str, record: MetricRecord) -> MetricRecord:
-    """``record`` rebuilt from its values, if every one is a finite scalar."""
+def metric_policy(msg: Message, context: Context) -> frozenset[str]:
+    """Metric names a reply to ``msg`` may carry at this hospital.
+
+    The hospital's ``allowed-metrics``; for a training reply in a DP-SGD run
+    (the run config's ``privacy.mode``) only those of them in
+    :data:`common.wire.DP_TRAIN_METRICS`.
+    """
+    allowed = allowed_metrics(context.node_config)
+    run_config = context.run_config.get(wire.RUN_CONFIG_KEY)
+    if _is_train(msg) and run_config is not None \
+            and settings_from_json(str(run_config)).privacy.mode == "dp_sgd":
+        return allowed & wire.DP_TRAIN_METRICS
+    return allowed
+
+
+def _checked_metrics(name: str, record: MetricRecord,
+                     allowed: frozenset[str] | None) -> MetricRecord:
+    """``record`` rebuilt from its values, if every one is a finite scalar named in ``allowed``."""
     clean: dict[str, int | float] = {}
     for key, value in record.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise RefusedReplyError(f"metric {key!r} in {name!r} is not a single number")
         if not math.isfinite(value):
             raise RefusedReplyError(f"metric {key!r} in {name!r} is not a finite number")
+        if allowed is not None and key not in allowed:
+            raise RefusedReplyError(f"metric {key!r} in {name!r} is not one this hospital lets "
+                                    f"leave (node config {wire.ALLOWED_METRICS})")
         clean[key] = value
     return MetricRecord(clean)  # type: ignore[arg-type]
 
 
-def checked_reply(msg: Message, reply: Message, expected: ArraySpec) -> Message:
+def checked_reply(msg: Message, reply: Message, expected: ArraySpec,
+                  allowed: frozenset[str] | None = None) -> Message:
     """The reply to ``msg`` rebuilt from checked values only.
 
     Args:
         msg: the message received from the server.
         reply: what the ClientApp wants to send back.
         expected: :func:`array_spec` of ``msg`` taken before the ClientApp ran.
+        allowed: the metric names that may leave (:func:`metric_policy`);
+            None = any name.
 
     Raises:
         RefusedReplyError: the reply carries anything but the model arrays
-            received (train replies only) and finite scalar metrics.
+            received (train replies only) and finite scalar metrics named in
+            ``allowed``.
     """
     if reply.has_error():
         error = reply.error
@@ -112,7 +142,7 @@ def checked_reply(msg: Message, reply: Message, expected: ArraySpec) -> Message:
     clean = RecordDict()
     for name, record in reply.content.items():
         if isinstance(record, MetricRecord):
-            clean[name] = _checked_metrics(name, record)
+            clean[name] = _checked_metrics(name, record, allowed)
         elif isinstance(record, ArrayRecord) and train and name in expected:
             clean[name] = _checked_arrays(name, record, expected[name])
         else:
@@ -146,8 +176,8 @@ def only_weights_mod(msg: Message, context: Context, call_next: ClientAppCallabl
                              "ClientApp; the details stay in the hospital's log"),
                        reply_to=msg)
     try:
-        return checked_reply(msg, reply, expected)
-    except RefusedReplyError as err:
+        return checked_reply(msg, reply, expected, metric_policy(msg, context))
+    except ValueError as err:  # RefusedReplyError, or a run config that cannot be read
         log.error("[MedFed] outgoing reply refused at node %s: %s", context.node_id, err)
         return Message(Error(code=REFUSED, reason=f"refused by the hospital's guard: {err}"),
                        reply_to=msg)

@@ -1,8 +1,24 @@
 """Who this hospital is and what it decides for itself (its node config).
 
 In simulation Flower's engine sets ``partition-id`` / ``num-partitions``; in
-deployment the hospital's ``client`` command sets these and its own settings.
-The server can never raise what a hospital sets here.
+deployment the hospital's ``client`` command writes its node config (a
+TOML file on the hospital's disk) with its identity and its policy. The
+server cannot change any of it: the run config it sends can only make the
+hospital stricter (a smaller delta), never looser.
+
+A deployed hospital's policy (node config written by ``python -m client``):
+
+- ``ledger-path``: its privacy ledger, always set (default
+  ``KIT/privacy-ledger.json``); the experiment's ``privacy.ledger_dir`` and
+  ``run_dir`` are then ignored. Its presence marks a deployed hospital.
+- ``max-epsilon``: the most DP-SGD epsilon ever spent on its data. When
+  set, every training round that is not DP-SGD is declined.
+- ``delta``: the delta it accounts at (default :data:`DEFAULT_DELTA`); a
+  smaller ``privacy.delta`` from the server tightens it, a larger one is
+  ignored.
+- ``allowed-metrics``: comma-separated names of the metrics that may leave
+  (default :data:`common.wire.DEFAULT_ALLOWED_METRICS`); the guard refuses a
+  reply carrying any other.
 """
 
 from __future__ import annotations
@@ -13,6 +29,12 @@ from dataclasses import dataclass
 from common import wire
 
 NodeConfig = Mapping[str, bool | int | float | str]
+DEFAULT_DELTA = 1e-5
+"""A deployed hospital's delta when its node config names none."""
+
+
+class RoundDeclinedError(RuntimeError):
+    """The hospital's own policy declines this round; nothing was trained or sent."""
 
 
 @dataclass(frozen=True)
@@ -28,8 +50,11 @@ class Hospital:
         device: ``auto``, ``cpu`` or ``cuda``; None = the experiment's choice.
         max_epsilon: the most epsilon it will ever spend on its data (DP);
             None = only the experiment's target applies.
-        delta: delta of its ceiling.
-        ledger_path: file recording its privacy spend across runs.
+        delta: the delta it accounts at; None (simulation only) = the
+            experiment's ``privacy.delta``.
+        ledger_path: its privacy ledger file; None (simulation only) = the
+            experiment's ledger folder.
+        allowed_metrics: names of the metrics its replies may carry.
     """
 
     index: int
@@ -40,6 +65,28 @@ class Hospital:
     max_epsilon: float | None = None
     delta: float | None = None
     ledger_path: str | None = None
+    allowed_metrics: frozenset[str] = wire.DEFAULT_ALLOWED_METRICS
+
+    @property
+    def deployed(self) -> bool:
+        """Whether this hospital names its own ledger (its node config is its policy)."""
+        return self.ledger_path is not None
+
+    def accounting_delta(self, server_delta: float) -> float:
+        """The delta this hospital accounts at: its own, or the server's if smaller."""
+        return server_delta if self.delta is None else min(self.delta, server_delta)
+
+    def check_round(self, privacy_mode: str) -> None:
+        """Decline a training round that this hospital's policy forbids.
+
+        Raises:
+            RoundDeclinedError: a ceiling is set and the run is not DP-SGD.
+        """
+        if self.max_epsilon is not None and privacy_mode != "dp_sgd":
+            raise RoundDeclinedError(
+                f"this hospital's policy sets max-epsilon={self.max_epsilon:g}, so it trains "
+                f"only with privacy=dp_sgd; this run has privacy={privacy_mode}: the round is "
+                "declined and nothing was trained or sent")
 
 
 def _optional(node_config: NodeConfig, key: str) -> str | None:
@@ -47,11 +94,31 @@ def _optional(node_config: NodeConfig, key: str) -> str | None:
     return None if value in (None, "") else str(value)
 
 
+def _number(node_config: NodeConfig, key: str) -> float | None:
+    text = _optional(node_config, key)
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"node config {key}={text!r} is not a number") from None
+
+
+def allowed_metrics(node_config: NodeConfig) -> frozenset[str]:
+    """The metric names this hospital lets leave (``allowed-metrics``, or the default)."""
+    text = _optional(node_config, wire.ALLOWED_METRICS)
+    if text is None:
+        return wire.DEFAULT_ALLOWED_METRICS
+    return frozenset(name.strip() for name in text.split(",") if name.strip())
+
+
 def hospital_from_node_config(node_config: NodeConfig) -> Hospital:
     """Read a hospital's identity and own settings from its node config.
 
     Raises:
-        ValueError: ``partition-id`` or ``num-partitions`` missing or out of range.
+        ValueError: ``partition-id`` or ``num-partitions`` missing or out of
+            range, a number that is not one, or a ceiling without the
+            hospital's own ledger.
     """
     try:
         index = int(node_config[wire.PARTITION_ID])
@@ -63,15 +130,22 @@ def hospital_from_node_config(node_config: NodeConfig) -> Hospital:
         ) from None
     if not 0 <= index < count:
         raise ValueError(f"node config {wire.PARTITION_ID}={index} must lie in [0, {count})")
-    max_eps = _optional(node_config, wire.MAX_EPSILON)
-    delta = _optional(node_config, wire.MAX_DELTA)
+    ledger = _optional(node_config, wire.LEDGER_PATH)
+    max_eps = _number(node_config, wire.MAX_EPSILON)
+    if max_eps is not None and ledger is None:
+        raise ValueError(f"node config sets {wire.MAX_EPSILON} but no {wire.LEDGER_PATH}: a "
+                         "ceiling needs the hospital's own ledger (start it with python -m client)")
+    delta = _number(node_config, wire.MAX_DELTA)
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"node config {wire.MAX_DELTA}={delta} must lie in (0, 1)")
     return Hospital(
         index=index,
         count=count,
         name=_optional(node_config, wire.HOSPITAL_NAME) or f"hospital-{index}",
         data_path=_optional(node_config, wire.DATA_PATH),
         device=_optional(node_config, wire.DEVICE),
-        max_epsilon=None if max_eps is None else float(max_eps),
-        delta=None if delta is None else float(delta),
-        ledger_path=_optional(node_config, wire.LEDGER_PATH),
+        max_epsilon=max_eps,
+        delta=DEFAULT_DELTA if delta is None and ledger is not None else delta,
+        ledger_path=ledger,
+        allowed_metrics=allowed_metrics(node_config),
     )

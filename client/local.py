@@ -9,15 +9,15 @@ import functools
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from client.dp_sgd import DPRound, start_dp_round
+from client.dp_round import dp_train_round
 from client.hospital import Hospital
-from client.privacy_ledger import Mechanism, PrivacyLedger
+from client.privacy_ledger import PrivacyLedger
 from common import wire
 from common.config import Settings, settings_from_json, settings_to_json
 from common.data import SiteData, load_site
@@ -34,13 +34,11 @@ class RoundResult:
 
     Attributes:
         weights: the locally trained state dict (CPU tensors).
-        metrics: scalars for the reply (``num-examples``, ``train-loss``, ...).
-        privacy_state: this run's DP-SGD mechanisms so far, for the node's state.
+        metrics: scalars for the reply (see :func:`train_round`).
     """
 
     weights: dict[str, torch.Tensor]
     metrics: dict[str, float]
-    privacy_state: list[Mechanism] = field(default_factory=list)
 
 
 SITE_CACHE_SIZE = 4  # hospitals' datasets one process keeps in memory
@@ -91,7 +89,12 @@ def load_global(settings: Settings, weights: StateDict, device: torch.device) ->
 
 
 def ledger_path(settings: Settings, hospital: Hospital) -> Path:
-    """The hospital's privacy ledger: its own ``ledger-path``, else the experiment's folder."""
+    """The hospital's privacy ledger.
+
+    A deployed hospital's own ``ledger-path`` (the server's ``run_dir`` and
+    ``privacy.ledger_dir`` are ignored); in simulation
+    ``privacy.ledger_dir``, else ``<run_dir>/privacy-ledgers``.
+    """
     if hospital.ledger_path:
         return Path(hospital.ledger_path)
     folder = settings.privacy.ledger_dir or str(Path(settings.run_dir) / "privacy-ledgers")
@@ -103,38 +106,43 @@ def dataset_id(settings: Settings, hospital: Hospital) -> str:
 
     A hospital with its own folder (deployment) is keyed by that folder
     alone: its images are the same patients whatever the federation's size,
-    split or seed, so every run on them composes in one history. A simulated
-    hospital is keyed by its partition of the shared source.
+    split or seed, so every run on them composes in one history. A deployed
+    hospital without one trains on a share of the experiment's source that
+    the server's seed and split choose, so it is keyed by the whole source:
+    every run on it counts against one budget. A simulated hospital is keyed
+    by its partition of the shared source.
     """
     if hospital.data_path:
         return f"folder:{Path(hospital.data_path).resolve()}"
     data = settings.data
-    return (f"{data.source}:{data.path or 'synthetic'}:split={data.split}:seed={settings.seed}:"
+    source = f"{data.source}:{data.path or 'synthetic'}"
+    if hospital.deployed:
+        return f"{source}:any-share"
+    return (f"{source}:split={data.split}:seed={settings.seed}:"
             f"part={hospital.index}/{settings.federation.num_hospitals}")
 
 
-def _start_dp(settings: Settings, hospital: Hospital, model: torch.nn.Module,
-              optimizer: torch.optim.Optimizer, loader: DataLoader, *, run_id: str,
-              run_history: list[Mechanism]) -> tuple[DPRound, PrivacyLedger, str]:
-    ledger, dataset = PrivacyLedger(ledger_path(settings, hospital)), dataset_id(settings, hospital)
-    # A node that lost its state mid-run (restarted) sends a shorter history
-    # than the ledger holds for this run: the ledger's record counts
-    recorded = ledger.run_history(dataset, run_id)
-    if sum(n for _, _, n in recorded) > sum(n for _, _, n in run_history):
-        run_history = recorded
-    delta = min(settings.privacy.delta, hospital.delta or 1.0)
+def _dp_train(settings: Settings, hospital: Hospital, model: torch.nn.Module,
+              optimizer: torch.optim.Optimizer, loader: DataLoader, *, device: torch.device,
+              run_id: str) -> dict[str, float]:
+    """One DP-SGD round on the hospital's ledger; the reply metrics (no loss, no timing)."""
     fed = settings.federation
-    dp = start_dp_round(
-        model=model, optimizer=optimizer, loader=loader, privacy=settings.privacy,
+    report = dp_train_round(
+        model=model, optimizer=optimizer, loader=loader, task=settings.task, device=device,
+        privacy=settings.privacy, ledger=PrivacyLedger(ledger_path(settings, hospital)),
+        dataset=dataset_id(settings, hospital), run_id=run_id,
         planned_epochs=fed.rounds * fed.local_epochs, round_epochs=fed.local_epochs,
-        run_history=run_history, prior_history=ledger.history(dataset, exclude_run=run_id),
-        ceiling_epsilon=hospital.max_epsilon, delta=delta)
-    return dp, ledger, dataset
+        ceiling_epsilon=hospital.max_epsilon,
+        delta=hospital.accounting_delta(settings.privacy.delta))
+    # N, the training split's size: the same whatever Poisson sampling drew
+    count = len(loader.dataset)  # type: ignore[arg-type]
+    return {wire.NUM_EXAMPLES: float(count), wire.HOSPITAL: float(hospital.index),
+            **report.metrics()}
 
 
 def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
-                server_round: int, proximal_mu: float = 0.0, run_id: str = "local",
-                privacy_state: list[Mechanism] | None = None) -> RoundResult:
+                server_round: int, proximal_mu: float = 0.0,
+                run_id: str = "local") -> RoundResult:
     """Train the global model on this hospital's training split.
 
     Args:
@@ -143,48 +151,44 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
         weights: global weights received from the server.
         server_round: 1-based round number (seeds the local shuffling).
         proximal_mu: FedProx weight sent by the server (0 = plain local SGD).
-        run_id: the federated run (keys this run's entry in the ledger).
-        privacy_state: this run's earlier DP-SGD mechanisms (node state).
+        run_id: the federated run (keys this run's record in the ledger).
 
     Returns:
-        The trained weights and the reply metrics; ``num-examples`` counts
-        samples; with DP-SGD also the cumulative privacy figures.
+        The trained weights and the reply metrics. Without DP-SGD:
+        ``num-examples`` (samples seen), loss, steps, seconds. With DP-SGD
+        only ``num-examples`` = N (the training split's size) and the
+        cumulative privacy figures: nothing computed from the images
+        without noise.
 
     Raises:
-        BudgetExceededError: DP-SGD would cross the hospital's ceiling; nothing
-            was trained or recorded.
+        RoundDeclinedError: the hospital's policy forbids the round, or
+            DP-SGD would cross its ceiling (``BudgetExceededError``);
+            nothing was trained or recorded.
     """
+    hospital.check_round(settings.privacy.mode)
     device = _device(settings, hospital)
     model = load_global(settings, weights, device)
     optimizer = make_optimizer(model, settings.train)
     seed = settings.seed * 100_003 + hospital.index * 1_009 + server_round
     loader = _loader(site_data(settings, hospital).train, settings, shuffle=True, seed=seed)
-    dp = None
     if settings.privacy.mode == "dp_sgd":
-        dp, ledger, dataset = _start_dp(settings, hospital, model, optimizer, loader,
-                                        run_id=run_id, run_history=list(privacy_state or []))
-        optimizer, loader = dp.optimizer, dp.loader
-    started = time.perf_counter()
-    result = train_epochs(model, loader, optimizer, task=settings.task,
-                          epochs=settings.federation.local_epochs, device=device,
-                          amp=settings.train.amp and dp is None, proximal_mu=proximal_mu,
-                          on_empty_batch=dp.empty_batch if dp else None)
-    metrics = {
-        wire.NUM_EXAMPLES: float(result.num_examples),
-        wire.TRAIN_LOSS: result.loss,
-        wire.TRAIN_STEPS: float(result.steps),
-        wire.TRAIN_SECONDS: time.perf_counter() - started,
-        wire.HOSPITAL: float(hospital.index),
-        wire.UNIT_WEIGHT: 1.0,
-    }
-    history: list[Mechanism] = []
-    if dp is not None:
-        report, history = dp.finish()
-        ledger.record(dataset, run_id, history, epsilon=report.epsilon, delta=report.delta,
-                      accountant=report.accountant)
-        metrics.update(report.metrics())
+        metrics = _dp_train(settings, hospital, model, optimizer, loader, device=device,
+                            run_id=run_id)
+    else:
+        started = time.perf_counter()
+        result = train_epochs(model, loader, optimizer, task=settings.task,
+                              epochs=settings.federation.local_epochs, device=device,
+                              amp=settings.train.amp, proximal_mu=proximal_mu)
+        metrics = {
+            wire.NUM_EXAMPLES: float(result.num_examples),
+            wire.TRAIN_LOSS: result.loss,
+            wire.TRAIN_STEPS: float(result.steps),
+            wire.TRAIN_SECONDS: time.perf_counter() - started,
+            wire.HOSPITAL: float(hospital.index),
+            wire.UNIT_WEIGHT: 1.0,
+        }
     weights_out = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return RoundResult(weights=weights_out, metrics=metrics, privacy_state=history)
+    return RoundResult(weights=weights_out, metrics=metrics)
 
 
 def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict) -> dict[str, float]:

@@ -21,12 +21,15 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
+from client.hospital import DEFAULT_DELTA
 from common import wire
 from common.processes import free_port
 
 KIT_FILE = "hospital.toml"
 """Startup-folder file naming the hospital and the server it dials."""
 NODE_CONFIG_FILE = "node-config.toml"
+LEDGER_FILE = "privacy-ledger.json"
+"""The hospital's privacy ledger, in its startup folder unless ``--ledger-path`` says."""
 
 NodeConfigValue = str | int | float | bool
 
@@ -46,9 +49,13 @@ class HospitalSettings:
         num_partitions: hospitals in the federation (``num-partitions``).
         data_path: its own data (folder or file); None = the experiment's.
         device: ``auto``, ``cpu`` or ``cuda``; None = the experiment's.
-        max_epsilon: the most DP epsilon it will ever spend on its data.
-        delta: the delta of that ceiling.
-        ledger_path: the file recording its privacy spend across runs.
+        max_epsilon: the most DP epsilon it will ever spend on its data;
+            when set, rounds that are not DP-SGD are declined.
+        delta: the delta it accounts at (a smaller server delta tightens it).
+        ledger_path: the file recording its privacy spend across runs
+            (``python -m client`` always sets one: KIT/privacy-ledger.json).
+        allowed_metrics: names of the metrics that may leave; None = what
+            MedFed sends (:data:`common.wire.DEFAULT_ALLOWED_METRICS`).
     """
 
     name: str
@@ -57,8 +64,9 @@ class HospitalSettings:
     data_path: str | None = None
     device: str | None = None
     max_epsilon: float | None = None
-    delta: float | None = None
+    delta: float = DEFAULT_DELTA
     ledger_path: str | None = None
+    allowed_metrics: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -68,18 +76,32 @@ class HospitalSettings:
             raise NodeSetupError(f"--device {self.device!r}: use auto, cpu or cuda")
         if self.max_epsilon is not None and self.max_epsilon <= 0:
             raise NodeSetupError(f"--max-epsilon {self.max_epsilon} must be > 0")
-        if self.delta is not None and not 0 < self.delta < 1:
+        if not 0 < self.delta < 1:
             raise NodeSetupError(f"--delta {self.delta} must lie in (0, 1)")
+        if self.allowed_metrics is not None and wire.NUM_EXAMPLES not in self.allowed_metrics:
+            raise NodeSetupError(f"--allowed-metrics must include {wire.NUM_EXAMPLES} (the "
+                                 "server drops replies without it)")
 
     def node_config(self) -> dict[str, NodeConfigValue]:
         """The node config: only the settings that are set."""
+        metrics = ",".join(self.allowed_metrics) if self.allowed_metrics else None
         values: dict[str, NodeConfigValue | None] = {
             wire.HOSPITAL_NAME: self.name, wire.PARTITION_ID: self.partition_id,
             wire.NUM_PARTITIONS: self.num_partitions, wire.DATA_PATH: self.data_path,
             wire.DEVICE: self.device, wire.MAX_EPSILON: self.max_epsilon,
             wire.MAX_DELTA: self.delta, wire.LEDGER_PATH: self.ledger_path,
+            wire.ALLOWED_METRICS: metrics,
         }
         return {key: value for key, value in values.items() if value is not None}
+
+    def policy(self) -> str:
+        """The hospital's privacy policy in one line, for the node's start-up log."""
+        ceiling = (f"max-epsilon {self.max_epsilon:g} (DP-SGD rounds only)"
+                   if self.max_epsilon is not None else "no epsilon ceiling")
+        metrics = (", ".join(self.allowed_metrics) if self.allowed_metrics
+                   else "MedFed's default set")
+        return (f"policy: {ceiling}; delta {self.delta:g} (the server can only lower it); "
+                f"ledger {self.ledger_path}; metrics allowed to leave: {metrics}")
 
 
 @dataclass(frozen=True)
@@ -199,16 +221,23 @@ def write_node_config(values: Mapping[str, NodeConfigValue], path: Path) -> Path
     return path
 
 
-def supernode_argv(link: Link, node_config: Path, *, port: int | None = None) -> list[str]:
+def supernode_argv(link: Link, node_config: Path, *, port: int | None = None,
+                   secret_file: Path | None = None) -> list[str]:
     """``flower-supernode`` command line for one hospital.
 
-    ``port`` is the node's local ClientApp runtime port (each node on a
-    machine needs its own; default: a free one).
+    ``port`` is the node's local ClientApp runtime port on 127.0.0.1 (each
+    node on a machine needs its own; default: a free one). The node runs
+    with ``--isolation process``: it starts no ClientApp itself; the
+    hospital's runner (:mod:`client.runner`) claims each task, signing its
+    claims with the shared secret in ``secret_file``, and runs only approved
+    code.
     """
     installed = Path(sys.executable).with_name("flower-supernode")
     binary = str(installed) if installed.exists() else "flower-supernode"
     argv = [binary, "--superlink", link.superlink, "--node-config", str(node_config),
-            "--port", str(port or free_port())]
+            "--isolation", "process", "--host", "127.0.0.1", "--port", str(port or free_port())]
+    if secret_file is not None:
+        argv += ["--superexec-auth-secret-file", str(secret_file)]
     if link.max_retries is not None:
         argv += ["--max-retries", str(link.max_retries)]
     if link.max_wait_time is not None:

@@ -34,16 +34,35 @@ TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
 
-# Privacy figures a DP-SGD hospital reports with every training reply; all
-# cumulative over the rounds trained so far on that hospital's data.
+# Privacy figures a DP-SGD hospital reports with every training reply
 EPSILON = "epsilon"
+"""Cumulative epsilon on the hospital's data (every run its ledger counts)."""
+RUN_EPSILON = "run-epsilon"
+"""Cumulative epsilon of this run's rounds alone."""
 DELTA = "delta"
 NOISE_MULTIPLIER = "noise-multiplier"
 SAMPLE_RATE = "sample-rate"
 DP_STEPS = "dp-steps"
+"""DP-SGD steps of this run so far (fixed by N, batch size and epochs)."""
 
 IDENTITY_KEYS = (HOSPITAL, UNIT_WEIGHT)
 """Metric keys that identify a reply and are never averaged."""
+
+PRIVACY_METRICS = frozenset({EPSILON, RUN_EPSILON, DELTA, NOISE_MULTIPLIER, SAMPLE_RATE,
+                             DP_STEPS})
+DP_TRAIN_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL}) | PRIVACY_METRICS
+"""All a DP-SGD training reply may carry besides the weights: the privacy
+figures, ``num-examples`` (the training split's size N, not what Poisson
+sampling drew) and the hospital's number. Nothing computed from the images
+without noise (no loss, no timing)."""
+TRAIN_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, TRAIN_LOSS, TRAIN_STEPS,
+                           TRAIN_SECONDS})
+"""What a training reply carries without DP-SGD."""
+EVALUATE_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, "loss", "accuracy", "auc",
+                              "sensitivity", "specificity", "dice", "hd95"})
+"""What an evaluation reply may carry (see :mod:`common.evaluation`)."""
+DEFAULT_ALLOWED_METRICS = DP_TRAIN_METRICS | TRAIN_METRICS | EVALUATE_METRICS
+"""A hospital's ``allowed-metrics`` when it names none: what MedFed sends."""
 
 # Node-config keys a hospital sets for itself (deployment) or that Flower's
 # simulation engine sets.
@@ -55,6 +74,7 @@ DEVICE = "device"
 MAX_EPSILON = "max-epsilon"
 MAX_DELTA = "delta"
 LEDGER_PATH = "ledger-path"
+ALLOWED_METRICS = "allowed-metrics"
 
 
 def metric_record(values: Mapping[str, float]) -> MetricRecord:

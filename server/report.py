@@ -102,10 +102,12 @@ class RunRecorder:
                 self.privacy[row["hospital"]] = {k: row[k] for k in PRIVACY_KEYS if k in row}
         if phase == "train":
             answered = len(replies)
-            loss = overall.get(wire.TRAIN_LOSS, math.nan)
+            # DP-SGD hospitals send no training loss (it is not noised)
+            loss = overall.get(wire.TRAIN_LOSS)
             eps = [f"{n} {p[wire.EPSILON]:.2f}" for n, p in sorted(self.privacy.items())]
             self.round_line["train"] = (
-                f"hospitals answered {answered}/{len(self.hospital_names)} | train loss {loss:.4f}"
+                f"hospitals answered {answered}/{len(self.hospital_names)}"
+                + (f" | train loss {loss:.4f}" if loss is not None else "")
                 + (f" | epsilon {', '.join(eps)}" if eps else "")
             )
         elif phase == "evaluate":
