@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from common.fingerprint import certificate_fingerprint
 from server.pki import write_file
 
 KIT_FILE = "hospital.toml"
@@ -36,8 +35,9 @@ HOSPITAL_README = """# MedFed startup folder for hospital `{name}`
 This folder holds no secret. `ca.crt` lets this hospital check it talks to
 the real server; `hospital.toml` holds the server's address ({address}) and
 this hospital's name and number. Outbound TCP to {address} is all the node
-needs. Before trusting `ca.crt`, compare its fingerprint with the one the
-coordinating site reads to you over the phone: {ca_fingerprint}
+needs. The folder came by one channel: before trusting `ca.crt`, compare the
+CA fingerprint that keygen (step 2) prints with the one the coordinating site
+reads to you over another (the phone; they see it in `provision show`).
 
 1. Install MedFed once (Python 3.11+), in a checkout of its repository:
 
@@ -85,5 +85,4 @@ def write_kit(kit: Path, *, name: str, index: int, count: int, address: str,
     write_file(kit / KIT_FILE, toml_text({"hospital-name": name, "superlink": address,
                                           "partition-id": index, "num-partitions": count,
                                           "key": f"private/{name}.key", "ca": "ca.crt"}).encode())
-    write_file(kit / "README.md", HOSPITAL_README.format(
-        name=name, address=address, ca_fingerprint=certificate_fingerprint(ca_pem)).encode())
+    write_file(kit / "README.md", HOSPITAL_README.format(name=name, address=address).encode())

@@ -21,13 +21,10 @@ private key. ``init`` writes (private keys mode 0600, their folders 0700):
     deploy/hospitals/NAME/             the startup folder to hand to each hospital (no secret)
         ca.crt  hospital.toml  README.md
 
-``add-key`` checks that a hospital's ``NAME.pub`` is an EC P-384 OpenSSH
-public key and prints its fingerprint (the hospital's keygen printed the
-same: compare them over the phone); the server registers every key in
-``server/hospitals/`` when it starts (``python -m server.registry add`` for
-a running one). The server certificate names the ``--hosts`` (default: the
-host of ``--server-address``) plus ``localhost`` and ``127.0.0.1``, which the
-coordinating site's own Flower CLI uses.
+``add-key`` checks a hospital's ``NAME.pub`` (EC P-384, OpenSSH) and prints
+its fingerprint, to compare over the phone with what the hospital's keygen
+printed. The server certificate names the ``--hosts`` (default: the host of
+``--server-address``) plus ``localhost`` and ``127.0.0.1`` (the site's own CLI).
 """
 
 from __future__ import annotations
@@ -96,15 +93,10 @@ def _write_kit(out: Path, name: str, index: int, count: int, address: str) -> No
               ca_pem=(out / "server" / "ca.crt").read_bytes())
 
 
-def _hospital_keys(out: Path) -> Path:
-    return out / "server" / "hospitals"
-
-
 def add_key(out: Path, name: str, public_key: Path, *, replace: bool = False) -> str:
     """Take in the public key hospital ``name`` made (``python -m client keygen``).
 
-    Writes ``server/hospitals/NAME.pub`` (see :func:`server.hospital_keys.take_in`),
-    which the server registers when it starts or ``server.registry add`` while it runs.
+    Writes ``server/hospitals/NAME.pub`` (see :func:`server.hospital_keys.take_in`).
 
     Returns:
         The key's fingerprint, to read back to the hospital.
@@ -116,7 +108,7 @@ def add_key(out: Path, name: str, public_key: Path, *, replace: bool = False) ->
     if name not in read_federation(out).hospitals:
         raise ProvisionError(f"no hospital {name!r} in {out / FEDERATION_FILE}: add it first "
                              f"with `python -m server.provision add --hospitals {name}`")
-    return take_in(_hospital_keys(out), name, public_key, replace=replace)
+    return take_in(out / "server" / "hospitals", name, public_key, replace=replace)
 
 
 def _check_names(names: Sequence[str], taken: Sequence[str]) -> None:
@@ -146,11 +138,7 @@ def _offline_ca(out: Path, ca_dir: Path | None) -> OfflineCA:
 
 def check_init(out: Path, ca_dir: Path | None, server_address: str,
                hospitals: Sequence[str]) -> OfflineCA:
-    """Refuse an ``init`` that would overwrite a federation or a CA key, or has bad names.
-
-    Raises:
-        ProvisionError, CAKeyError: the message says which.
-    """
+    """Refuse (ProvisionError, CAKeyError) an ``init`` that would overwrite or has bad names."""
     if (out / FEDERATION_FILE).exists():
         raise ProvisionError(f"{out} already holds a federation: use `add` or `renew`")
     ca = _offline_ca(out, ca_dir)
@@ -217,7 +205,7 @@ def show(out: Path) -> str:
     fed = read_federation(out)
     ca = out / "server" / "ca.crt"
     server = certificate_expiry(out / "server" / "server.crt")
-    keys = "\n".join(f"  {name}: {key_status(_hospital_keys(out), name)}"
+    keys = "\n".join(f"  {name}: {key_status(out / 'server' / 'hospitals', name)}"
                      for name in fed.hospitals)
     return (f"server address: {fed.server_address}\n"
             f"server certificate names: {', '.join(fed.hosts)}\n"
@@ -271,14 +259,12 @@ def _init(args: argparse.Namespace, hosts: list[str]) -> None:
          ca_dir=args.ca_dir, ca_passphrase=_passphrase(args, new=True),
          ca_days=args.ca_days, server_days=args.days)
     out = args.out
-    print(f"federation written to {out}; its CA key is in {args.ca_dir or default_ca_dir(out)}: "
-          "keep that folder offline (only `renew` needs it). Next:\n"
-          f"  1. hand {out}/hospitals/NAME/ to each hospital (it holds no secret; read them "
-          "the CA fingerprint below to compare)\n"
-          "  2. each hospital runs `python -m client keygen --kit DIR` and sends you NAME.pub\n"
-          f"  3. take each in: `python -m server.provision add-key --out {out} NAME NAME.pub`, "
-          "and read the fingerprint it prints back to the hospital\n"
-          f"  4. start the server with --certs {out / 'server'}")
+    print(f"federation written to {out}; CA key in {args.ca_dir or default_ca_dir(out)}: keep "
+          f"that folder offline (only `renew` needs it). Next: hand {out}/hospitals/NAME/ to "
+          "each hospital (no secret in it; read them the CA fingerprint below); each runs "
+          "`python -m client keygen --kit DIR` and sends NAME.pub; take each in with `python -m "
+          f"server.provision add-key --out {out} NAME NAME.pub` and read back the fingerprint "
+          f"it prints; start the server with --certs {out / 'server'}")
 
 
 def _add_key(args: argparse.Namespace) -> None:
