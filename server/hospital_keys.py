@@ -2,6 +2,7 @@
 
     deploy/server/hospitals/NAME.pub           the key hospital NAME made and sent
     deploy/server/hospitals/removed/NAME.pub   a key retired by ``server.registry remove``
+    deploy/server/hospitals/replaced/NAME.*.pub  keys replaced by ``provision rekey``, kept
 
 The server registers every ``hospitals/NAME.pub`` with its SuperLink when it
 starts (``python -m server.registry add`` for a running one); a replaced key's
@@ -10,6 +11,7 @@ old registration is dropped then, so the old key stops working.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from common.fingerprint import key_fingerprint
@@ -26,11 +28,14 @@ def key_file(folder: Path, name: str) -> Path:
 
 
 def known_keys(folder: Path) -> dict[str, str]:
-    """Fingerprint -> whose key it is, over current and removed keys in ``folder``."""
+    """Fingerprint -> whose key it is, over current, removed and replaced keys in ``folder``."""
     known = {}
-    for path in [*sorted(folder.glob("*.pub")), *sorted(folder.glob("removed/*.pub"))]:
-        removed = " (removed: Flower never accepts it again)" if path.parent != folder else ""
-        known[key_fingerprint(path.read_bytes())] = path.stem + removed
+    for path in [*sorted(folder.glob("removed/*.pub")), *sorted(folder.glob("replaced/*.pub"))]:
+        owner = path.name.split(".")[0]
+        known[key_fingerprint(path.read_bytes())] = (
+            f"{owner} (retired: Flower never accepts a key again once it was unregistered)")
+    for path in sorted(folder.glob("*.pub")):
+        known[key_fingerprint(path.read_bytes())] = path.stem
     return known
 
 
@@ -65,6 +70,11 @@ def take_in(folder: Path, name: str, public_key: Path, *, replace: bool = False)
         old = key_fingerprint(target.read_bytes())
         raise KeyFileError(f"{name} has a key on file already ({old}): to replace it use "
                            "`python -m server.provision rekey`")
+    if target.exists():  # kept, not lost: it shows which key was registered when
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(target.stat().st_mtime))
+        retired = folder / "replaced" / f"{name}.{stamp}.pub"
+        retired.parent.mkdir(exist_ok=True)
+        target.replace(retired)
     write_file(target, line + f" medfed-{name}\n".encode())
     return new
 

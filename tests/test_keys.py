@@ -160,9 +160,17 @@ def test_add_key_keeps_one_key_per_hospital(deploy: Path, capsys: pytest.Capture
     assert provision_main(["add-key", "--out", str(deploy), "site-a", str(pub_b)]) == 2
     assert "site-a has a key on file already" in capsys.readouterr().err
     assert key_fingerprint(on_file.read_bytes()) == key_fingerprint(pub_a.read_bytes())
+    old = deploy.parent / "old-site-a.pub"
+    old.write_bytes(pub_a.read_bytes())
     keygen(read_kit(kit_a), force=True)
     assert provision_main(["rekey", "--out", str(deploy), "site-a", str(pub_a)]) == 0
     assert key_fingerprint(on_file.read_bytes()) == key_fingerprint(pub_a.read_bytes())
+    replaced = list((deploy / "server" / "hospitals" / "replaced").glob("site-a.*.pub"))
+    assert [p.read_bytes() for p in replaced] == [old.read_bytes()]  # kept, not lost
+    assert list(Certificates(deploy / "server").hospital_keys()) == ["site-a"]  # not registered
+    capsys.readouterr()
+    assert provision_main(["rekey", "--out", str(deploy), "site-a", str(old)]) == 2
+    assert "retired" in capsys.readouterr().err  # a replaced key does not come back
 
 
 def test_client_needs_a_ca_or_an_explicit_insecure(deploy: Path) -> None:
