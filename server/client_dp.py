@@ -39,11 +39,10 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
 )
-from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from common import wire
 from common.config import Settings
-from server.influence import float_reference, float_update, l2_norm
+from server.influence import float_reference, float_update, l2_norm, scaled_update
 
 CLIENT_CLIP_TOLERANCE = 1e-4
 """Relative slack on a client-clipped update's norm (float32 rounding)."""
@@ -104,14 +103,16 @@ class ServerSideClipping(CalibratedRelease, DifferentialPrivacyServerSideFixedCl
     """Updates clipped to ``C`` at the server, noise calibrated to the count aggregated."""
 
     def _clipped(self, round_: int, replies: list[Message]) -> list[Message]:
-        current = self.current_arrays.to_numpy_ndarrays()
+        # Flower's compute_clip_model_update divides by the norm: an unchanged
+        # model (norm 0) would crash the round, so clip here.
+        reference = float_reference(self.strategy._global)
         for reply in replies:
             record = reply.content.array_records[wire.ARRAYS]
-            values = record.to_numpy_ndarrays()
-            compute_clip_model_update(param1=values, param2=current,
-                                      clipping_norm=self.clipping_norm)
-            reply.content[wire.ARRAYS] = ArrayRecord(
-                {k: Array(np.asarray(v)) for k, v in zip(record.keys(), values, strict=True)})
+            update = float_update(record, reference)
+            norm = l2_norm(update)
+            if norm > self.clipping_norm:
+                reply.content[wire.ARRAYS] = scaled_update(record, update, reference,
+                                                           self.clipping_norm / norm)
         return replies
 
 

@@ -124,8 +124,9 @@ def share_cap(weights: list[float], max_share: float) -> float | None:
     return ordered[-1]
 
 
-def _clipped(arrays: ArrayRecord, update: Update, reference: dict[str, np.ndarray],
-             scale: float) -> ArrayRecord:
+def scaled_update(arrays: ArrayRecord, update: Update, reference: dict[str, np.ndarray],
+                  scale: float) -> ArrayRecord:
+    """``arrays`` with their float update scaled by ``scale`` (dtypes kept)."""
     out = {}
     for key, array in arrays.items():
         if key in update:
@@ -146,7 +147,7 @@ def _bound_norms(replies: list[Message], updates: list[Update], norms: list[floa
             kept.append(i)
         elif cfg.over_norm == "clip":
             scale = limit / norm
-            replies[i].content[wire.ARRAYS] = _clipped(
+            replies[i].content[wire.ARRAYS] = scaled_update(
                 replies[i].content.array_records[wire.ARRAYS], updates[i], reference, scale)
             updates[i] = {k: v * scale for k, v in updates[i].items()}
             report(i, f"update norm {norm:.4g} clipped to the bound {limit:.4g}", False)
