@@ -26,7 +26,7 @@ from common.processes import ManagedProcess, free_port, stop_pids
 from server.provision import add_key, init
 from server.registry import RegistrationError, flwr_json, list_nodes, register_all, remove
 from server.runner import Connection
-from server.superlink import Certificates, connection, superlink_process, wait_until_listening
+from server.superlink import Certificates, serving
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -54,6 +54,7 @@ class Federation:
         self.certs = Certificates(self.deploy / "server")
         self.run_dir = root / "run"
         self.started: list[ManagedProcess] = []
+        self.links = contextlib.ExitStack()  # SuperLinks behind their Fleet gate
 
     def start(self, name: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.root / f"{name}.out", cwd=ROOT).start()
@@ -95,9 +96,17 @@ class Federation:
         result: dict = json.loads((self.run_dir / "summary.json").read_text())
         return result
 
+    def coordinator(self) -> Connection:
+        """The SuperLink on loopback behind the Fleet gate on ``port``, as the server runs
+        them; returns the loopback connection (Control API) for this machine's CLI."""
+        return self.links.enter_context(serving(
+            host="127.0.0.1", port=self.port, certs=self.certs, database=self.certs.database,
+            log_dir=self.root, flwr_home=self.root / "link-home"))
+
     def stop(self) -> None:
         for proc in reversed(self.started):
             proc.stop(grace_s=5)
+        self.links.close()
 
 
 def output(proc: ManagedProcess) -> str:
@@ -135,12 +144,7 @@ def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federati
     a removed key is shut out at once."""
     fed, certs = federation, federation.certs
     home = fed.root / "cli-home"
-    link = superlink_process(host="127.0.0.1", port=fed.port, certs=certs,
-                             database=certs.database, log_path=fed.root / "superlink.log",
-                             flwr_home=fed.root / "link-home")
-    fed.started.append(link.start())
-    conn = connection(address=f"127.0.0.1:{fed.port}", certs=certs)
-    wait_until_listening(link, conn.address)
+    conn = fed.coordinator()  # hospitals dial the gate on fed.port; the CLI the loopback port
     assert register_all(certs, conn, home, ["site-a"])[0].startswith("site-a: registered")
 
     plain_cli = flwr_json(["supernode", "list"], Connection("plain", conn.address), home)
@@ -149,7 +153,7 @@ def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federati
                          kit=fed.deploy / "hospitals" / "site-a")
     stranger = fed.hospital("site-b")  # provisioned, but its key is not registered
     other = fed.root / "other"
-    provision(other, conn.address, ["intruder"])
+    provision(other, f"127.0.0.1:{fed.port}", ["intruder"])
     wrong_ca = fed.hospital("intruder", kit=other / "hospitals" / "intruder")
     member = fed.hospital("site-a")
 
