@@ -86,10 +86,10 @@ def test_dp_sgd_reply_holds_weights_privacy_figures_and_a_fixed_count(tmp_path: 
         assert metrics[wire.NUM_EXAMPLES] == train_size  # N, not what sampling drew
         assert metrics[wire.DELTA] == 1e-5  # the hospital's delta, not the server's 0.5
     # the second reply continues from the ledger's record of the first
-    assert replies[1].content[wire.METRICS][wire.DP_STEPS] == \
-        2 * replies[0].content[wire.METRICS][wire.DP_STEPS]
+    first, second = (reply.content.metric_records[wire.METRICS] for reply in replies)
+    assert second[wire.DP_STEPS] == 2 * wire.scalar(first[wire.DP_STEPS])
     ledger_history = PrivacyLedger(ledger).counted(f"{settings.data.source}:synthetic:any-share")
-    assert replies[1].content[wire.METRICS][wire.EPSILON] == pytest.approx(
+    assert second[wire.EPSILON] == pytest.approx(
         epsilon_spent(ledger_history, delta=1e-5, accountant="prv"))
 
 
