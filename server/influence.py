@@ -20,11 +20,13 @@ this round, over the floating-point arrays; its L2 norm is taken in float64.
    of the round's total; a larger claim is capped (water-filling), so one
    hospital claiming 1e12 samples gets at most that share, not the model.
 
-What this holds against: one hostile hospital among three or more honest
-majority-forming hospitals per round; the coordinator applies it and is
-trusted to. With two replies in a round there is no majority to compare
-against: the norm bound then uses the smaller norm and the direction check
-is skipped.
+What this holds against: a hostile minority of hospitals (one of three in
+the benchmark, ``bench/robustness.py``), each sending whatever it likes. It
+bounds, it does not prove: a hostile update of honest length and roughly
+honest direction still moves the model a little. It is applied by the
+coordinator, which must be trusted to. With two replies in a round there
+is no majority to compare against: the norm bound then uses the smaller
+norm and the direction check is skipped.
 """
 
 from __future__ import annotations
