@@ -46,6 +46,8 @@ def test_train_replies_trained_weights_and_sample_count(tmp_path: Path) -> None:
     assert metrics[wire.NUM_EXAMPLES] == len(load_site(settings, 1).train)  # type: ignore[arg-type]
     assert metrics[wire.HOSPITAL] == 1
     assert math.isfinite(metrics[wire.TRAIN_LOSS])
+    # without DP-SGD the reply is what it always was
+    assert set(metrics.keys()) == wire.TRAIN_METRICS
 
 
 def test_evaluate_scores_the_global_model(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +31,8 @@ from flwr.clientapp import ClientApp
 from client import app as medfed_app
 from client.guard import MAX_REASON, RAISED, REFUSED, only_weights_mod
 from common import wire
+from common.config import settings_to_json
+from tests.conftest import small_settings
 
 WEIGHTS = {"conv.weight": np.ones((2, 3), dtype=np.float32),
            "conv.bias": np.zeros(2, dtype=np.float32)}
@@ -206,3 +209,34 @@ def test_guard_runs_inside_a_flower_clientapp() -> None:
 
 def test_medfeds_clientapp_has_the_guard_outermost() -> None:
     assert medfed_app.app._mods[0] is only_weights_mod
+
+
+def test_only_the_hospitals_allowed_metrics_leave() -> None:
+    """``allowed-metrics`` in the hospital's node config: any other name is refused."""
+    node = Context(run_id=7, node_id=3, state=RecordDict(), run_config={},
+                   node_config={"allowed-metrics": f"{wire.NUM_EXAMPLES},auc"})
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10, "auc": 0.7})})
+    assert not only_weights_mod(received("evaluate"), node, replying(content)).has_error()
+    content[wire.METRICS]["accuracy"] = 0.6
+    refused = only_weights_mod(received("evaluate"), node, replying(content))
+    assert refused.error.code == REFUSED
+    assert "'accuracy' in 'metrics' is not one this hospital lets leave" in reason(refused)
+
+
+def test_a_dp_sgd_training_reply_carries_no_loss_or_timing(tmp_path: Path) -> None:
+    """In a DP-SGD run the guard lets a training reply carry only the privacy figures,
+    the count and the hospital's number, whatever the ClientApp puts in."""
+    settings = small_settings(tmp_path, "privacy=dp_sgd")
+    dp_run = Context(run_id=7, node_id=3, node_config={}, state=RecordDict(),
+                     run_config={wire.RUN_CONFIG_KEY: settings_to_json(settings)})
+    figures = {wire.NUM_EXAMPLES: 48.0, wire.HOSPITAL: 0.0, wire.EPSILON: 0.4, wire.DELTA: 1e-5}
+    sound = RecordDict({wire.ARRAYS: arrays(), wire.METRICS: MetricRecord(figures)})
+    assert not only_weights_mod(received(), dp_run, replying(sound)).has_error()
+    for leak in (wire.TRAIN_LOSS, wire.TRAIN_SECONDS, wire.TRAIN_STEPS):
+        content = RecordDict({wire.ARRAYS: arrays(),
+                              wire.METRICS: MetricRecord({**figures, leak: 0.3})})
+        refused = only_weights_mod(received(), dp_run, replying(content))
+        assert refused.error.code == REFUSED and f"metric '{leak}'" in reason(refused)
+    # evaluation replies of the same run keep their metrics
+    scores = RecordDict({wire.METRICS: metrics(auc=0.7)})
+    assert not only_weights_mod(received("evaluate"), dp_run, replying(scores)).has_error()
