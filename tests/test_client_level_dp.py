@@ -1,4 +1,4 @@
-"""Client-level DP: noise calibrated to the updates aggregated, epsilon from a real RDP accountant."""
+"""Client-level DP: noise calibrated to the updates aggregated; epsilon from real RDP."""
 
 from __future__ import annotations
 
@@ -102,7 +102,8 @@ def test_client_side_update_over_the_bound_is_dropped(tmp_path: Path) -> None:
     arrays, _ = wrapped.aggregate_train(1, [_reply(0, honest), _reply(1, big)])
     assert wrapped.releases[0]["aggregated"] == 1.0
     assert wrapped.releases[0]["noise-multiplier"] == pytest.approx(0.5)
-    assert wrapped.releases[0]["noise-std"] == pytest.approx(0.5 * 2.0 * (1 + CLIENT_CLIP_TOLERANCE))
+    sensitivity = 2.0 * (1 + CLIENT_CLIP_TOLERANCE)
+    assert wrapped.releases[0]["noise-std"] == pytest.approx(0.5 * sensitivity)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
             .splitlines()]
     assert any("over the client-side clipping bound" in r.get("error", "") for r in rows)

@@ -114,8 +114,8 @@ def test_sign_flipped_update_is_dropped_and_honest_ones_kept(tmp_path: Path) -> 
     out = _aggregate(flipped, [*honest, _reply(2, update(-1.0, 0.5))])
     assert flipped.last_aggregated == 2
     assert "cosine" in " ".join(r.get("error", "") for r in _rows(tmp_path / "f"))
-    mean = {k: (honest[0].content[wire.ARRAYS][k].numpy() + honest[1].content[wire.ARRAYS][k]
-                .numpy()) / 2 for k in GLOBAL}
+    sent = [m.content.array_records[wire.ARRAYS] for m in honest]
+    mean = {k: (sent[0][k].numpy() + sent[1][k].numpy()) / 2 for k in GLOBAL}
     assert all(np.allclose(out[k], mean[k], atol=1e-6) for k in GLOBAL)
 
 
