@@ -39,8 +39,9 @@ from client.node import (
     supernode_argv,
     write_node_config,
 )
+from client.runner import runner_argv, write_secret
 from common.logs import medfed_logger
-from common.processes import ManagedProcess, running, stop_children_on_signals
+from common.processes import ManagedProcess, free_port, running, stop_children_on_signals
 
 log = medfed_logger()
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -140,11 +141,13 @@ def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
     return settings, link, home
 
 
-def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
-    """Echo the node's notable log lines (after ``offset``) until it exits; returns its tail."""
+def follow(node: ManagedProcess, name: str, verbose: bool, offset: int,
+           runner: ManagedProcess | None = None) -> str:
+    """Echo the node's notable log lines (after ``offset``) until it or ``runner`` exits
+    (both write to the node's log); returns its tail."""
     away, pending, tail = False, b"", deque[str](maxlen=400)
     while True:
-        code = node.poll()
+        code = node.poll() if runner is None or runner.poll() is None else runner.poll()
         with open(node.log_path, "rb") as handle:
             handle.seek(offset)
             chunk = handle.read()
@@ -161,7 +164,8 @@ def follow(node: ManagedProcess, name: str, verbose: bool, offset: int) -> str:
             elif line and (verbose or any(mark in line for mark in ECHO)):
                 # after Flower's exit line, retries are its helpers winding down
                 away = "Exit Code" in line or (away and "Connection successful" not in line)
-                log.info("[MedFed] %s: %s", name, line.removeprefix("INFO :").strip())
+                log.info("[MedFed] %s: %s", name,
+                         line.removeprefix("INFO :").strip().removeprefix("[MedFed] "))
         if code is not None:
             return "\n".join(tail)
         time.sleep(0.5)
@@ -198,21 +202,29 @@ def main(argv: list[str]) -> int:
         return 2
     stop_children_on_signals()
     config = write_node_config(settings.node_config(), home / NODE_CONFIG_FILE)
-    node = ManagedProcess(f"hospital {settings.name}", supernode_argv(link, config, port=args.port),
+    port, secret = args.port or free_port(), write_secret(home)
+    node = ManagedProcess(f"hospital {settings.name}",
+                          supernode_argv(link, config, port=port, secret_file=secret),
                           home / "node.log", env={"FLWR_HOME": str(home / "flwr-home")})
+    runner = ManagedProcess(f"runner {settings.name}",  # answers with approved code only
+                            runner_argv(f"127.0.0.1:{port}", home, secret), node.log_path,
+                            env={"FLWR_HOME": str(home / "flwr-home")})
     log.info("[MedFed] %s: node for %s starting (%s); log: %s", settings.name, link.superlink,
              "INSECURE" if link.ca is None else "TLS, registered key", node.log_path)
     log.info("[MedFed] %s: %s", settings.name, settings.policy())
     offset = node.log_path.stat().st_size if node.log_path.exists() else 0
     try:
-        with running(node):
-            output = follow(node, settings.name, args.verbose, offset)
+        with running(node, runner):
+            output = follow(node, settings.name, args.verbose, offset, runner)
+            runner_stopped = node.poll() is None  # the runner ended first
     except KeyboardInterrupt:
         log.info("[MedFed] %s: stopped; the node and its ClientApps were shut down",
                  settings.name)
         return 130
-    code = node.poll() or 1
+    code = (runner.poll() if runner_stopped else node.poll()) or 1
     reason = refusal(output, settings.name) or "see the log"
+    if runner_stopped:
+        reason = f"the hospital's runner stopped ({reason})"
     print(f"error: the node stopped (exit code {code}): {reason}; log: {node.log_path}",
           file=sys.stderr)
     return code

@@ -20,6 +20,8 @@ import psutil
 import pytest
 import torch
 
+from client.approval import AppStore, approve_fab
+from client.bundle import build_from_source
 from client.keys import keygen
 from client.node import read_kit
 from common.processes import ManagedProcess, free_port, stop_pids
@@ -55,6 +57,7 @@ class Federation:
         self.run_dir = root / "run"
         self.started: list[ManagedProcess] = []
         self.links = contextlib.ExitStack()  # SuperLinks behind their Fleet gate
+        self.bundles: dict[Path, bytes] = {}  # app folder -> its bundle, built once
 
     def start(self, name: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.root / f"{name}.out", cwd=ROOT).start()
@@ -69,9 +72,17 @@ class Federation:
         argv += ["--app", str(app)] if app else []
         return self.start("server", [*argv, f"run_dir={self.run_dir}", *SMALL, *overrides])
 
+    def approve(self, label: str, app: Path = ROOT) -> None:
+        """The hospital approves the bundle of ``app`` (``python -m client approve --source``)."""
+        if app not in self.bundles:
+            self.bundles[app] = build_from_source(app)
+        approve_fab(AppStore(self.root / f"home-{label}"), self.bundles[app], f"built from {app}")
+
     def hospital(self, label: str, *extra: str, kit: Path | None = None) -> ManagedProcess:
-        """``python -m client`` with a startup folder (default: the one named ``label``)."""
+        """``python -m client`` with a startup folder (default: the one named ``label``),
+        after approving this project's bundle."""
         kit = kit or self.deploy / "hospitals" / label
+        self.approve(label)
         return self.start(label, [sys.executable, "-m", "client", "--kit", str(kit),
                                   "--home", str(self.root / f"home-{label}"), *extra])
 
@@ -307,9 +318,12 @@ def test_bad_replies_never_reach_the_aggregate(federation: Federation) -> None:
     """NaN weights are refused at the hospital by the guard; an array added past the guard
     is dropped by the server; only the sound hospital is averaged in."""
     fed = federation
+    project = faulty_project(fed.root)
+    for name in HOSPITALS:  # approved: this test is about the guards, not approval
+        fed.approve(name, project)
     nodes = {name: fed.hospital(name) for name in HOSPITALS}
     server = fed.server("federation.rounds=1", "federation.min_train=1",
-                        "federation.fraction_evaluate=0", app=faulty_project(fed.root))
+                        "federation.fraction_evaluate=0", app=project)
     assert server.wait(timeout_s=240) == 0, output(server)[-3000:]
     node = {name: f"node {r['node-id']}" for name, r in
             json.loads((fed.certs.state / "registered.json").read_text()).items()}
@@ -324,3 +338,26 @@ def test_bad_replies_never_reach_the_aggregate(federation: Federation) -> None:
     assert all(torch.isfinite(v).all() for v in final.values())
     assert "outgoing reply refused" in (fed.root / "home-site-a" / "node.log").read_text()
     assert all(node.poll() is None for node in nodes.values())
+
+
+def test_a_hospitals_ceiling_declines_a_run_without_dp_sgd(federation: Federation) -> None:
+    """site-a starts with --max-epsilon 1: a privacy=none run is declined there, nothing
+    trained, and the reason reaches the server; site-b (no ceiling) trains the round."""
+    fed = federation
+    capped = fed.hospital("site-a", "--max-epsilon", "1")
+    fed.hospital("site-b")
+    server = fed.server("federation.rounds=1", "federation.min_train=1",
+                        "federation.fraction_evaluate=0", wait_for=2)
+    assert server.wait(timeout_s=240) == 0, output(server)[-3000:]
+    node = {name: f"node {r['node-id']}" for name, r in
+            json.loads((fed.certs.state / "registered.json").read_text()).items()}
+    errors = {r["hospital"]: r["error"] for r in fed.rows() if "error" in r}
+    assert "max-epsilon=1, so it trains only with privacy=dp_sgd; this run has privacy=none" \
+        in errors[node["site-a"]]
+    trained = {r["hospital"] for r in fed.rows() if r["phase"] == "train" and "error" not in r}
+    assert trained == {"hospital-1", "overall"}
+    assert "max-epsilon=1" in output(server)  # the server's log names the reason too
+    assert "policy: max-epsilon 1 (DP-SGD rounds only); delta 1e-05" in output(capped)
+    kit_ledger = fed.deploy / "hospitals" / "site-a" / "privacy-ledger.json"
+    assert f"ledger {kit_ledger.resolve()}" in output(capped)
+    assert not kit_ledger.exists()  # nothing was trained, so nothing was spent
