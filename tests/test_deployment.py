@@ -361,26 +361,3 @@ def test_a_hospitals_ceiling_declines_a_run_without_dp_sgd(federation: Federatio
     kit_ledger = fed.deploy / "hospitals" / "site-a" / "privacy-ledger.json"
     assert f"ledger {kit_ledger.resolve()}" in output(capped)
     assert not kit_ledger.exists()  # nothing was trained, so nothing was spent
-
-
-def test_a_hospitals_ceiling_declines_a_run_without_dp_sgd(federation: Federation) -> None:
-    """site-a starts with --max-epsilon 1: a privacy=none run is declined there, nothing
-    trained, and the reason reaches the server; site-b (no ceiling) trains the round."""
-    fed = federation
-    capped = fed.hospital("site-a", "--max-epsilon", "1")
-    fed.hospital("site-b")
-    server = fed.server("federation.rounds=1", "federation.min_train=1",
-                        "federation.fraction_evaluate=0", wait_for=2)
-    assert server.wait(timeout_s=240) == 0, output(server)[-3000:]
-    node = {name: f"node {r['node-id']}" for name, r in
-            json.loads((fed.certs.state / "registered.json").read_text()).items()}
-    errors = {r["hospital"]: r["error"] for r in fed.rows() if "error" in r}
-    assert "max-epsilon=1, so it trains only with privacy=dp_sgd; this run has privacy=none" \
-        in errors[node["site-a"]]
-    trained = {r["hospital"] for r in fed.rows() if r["phase"] == "train" and "error" not in r}
-    assert trained == {"hospital-1", "overall"}
-    assert "max-epsilon=1" in output(server)  # the server's log names the reason too
-    assert "policy: max-epsilon 1 (DP-SGD rounds only); delta 1e-05" in output(capped)
-    kit_ledger = fed.deploy / "hospitals" / "site-a" / "privacy-ledger.json"
-    assert f"ledger {kit_ledger.resolve()}" in output(capped)
-    assert not kit_ledger.exists()  # nothing was trained, so nothing was spent
