@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
+import pty
+import select
 import stat
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +36,7 @@ from server.ca_key import CAKeyError, OfflineCA
 from server.provision import add, add_key, init, main, read_federation, renew
 from server.registry import fingerprint
 from server.superlink import CertificateError, Certificates
+from tests.conftest import ROOT
 
 HOSPITALS = ["site-a", "site-b", "site-c"]
 PASSPHRASE = b"correct horse battery staple"
@@ -182,6 +188,41 @@ def test_ca_key_is_encrypted_and_renew_needs_its_passphrase(
     monkeypatch.setenv("MEDFED_CA_PASSPHRASE", PASSPHRASE.decode())
     assert main(renew_cli) == 0
     assert not (out / "ca.key").exists() and not list(out.rglob("ca.key"))
+
+
+def at_terminal(argv: list[str], answers: list[bytes], timeout_s: float = 120) -> tuple[int, str]:
+    """Run ``python ARGV`` on a pseudo-terminal, typing each answer after a prompt (``...:``)."""
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: a real process whose stdin is a terminal
+        os.chdir(ROOT)
+        os.execv(sys.executable, [sys.executable, *argv])
+    out, pending, deadline = b"", list(answers), time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            out += chunk
+            if pending and out.rstrip().endswith(b":"):
+                os.write(fd, pending.pop(0) + b"\n")
+    _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_ca_passphrase_is_asked_at_a_terminal(tmp_path: Path) -> None:
+    out, typed = tmp_path / "deploy", b"typed at the terminal"
+    init_cli = ["-m", "server.provision", "init", "--out", str(out), "--server-address",
+                "127.0.0.1:9092", "--hospitals", "site-a"]
+    code, text = at_terminal(init_cli, [typed, b"something else entirely"])
+    assert code == 2 and "the two passphrases typed differ" in text and not out.exists()
+    code, text = at_terminal(init_cli, [typed, typed])
+    assert code == 0 and "CA key passphrase:" in text and "The same again:" in text
+    ca = OfflineCA(tmp_path / "deploy-ca")
+    assert ca.encrypted() and ca.load(typed)
+    code, text = at_terminal(["-m", "server.provision", "renew", "--out", str(out)], [typed])
+    assert code == 0 and "new certificate written" in text
 
 
 def test_node_config_reaches_flower_intact(tmp_path: Path) -> None:
