@@ -192,7 +192,12 @@ class PrivacyLedger:
                                   f"than its reservation {held['history']}; it stays counted")
             del entry["reservations"][reservation]
             run = entry["runs"].setdefault(held["run"], {"history": []})
-            run["history"] += [list(m) for m in used]
+            for z, q, n in used:  # consecutive steps of one mechanism in one entry, as Opacus
+                last = run["history"][-1] if run["history"] else None
+                if last is not None and (float(last[0]), float(last[1])) == (z, q):
+                    last[2] = int(last[2]) + n
+                else:
+                    run["history"].append([z, q, n])
             run.update(note, updated=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             self._write(data)
 
