@@ -7,12 +7,13 @@ registered; through the hospitals' address it tries Flower's CLI (list and
 register nodes, submit a run) and raw HTTPS calls to the Control and Runtime
 APIs (the ServerApp's task claim included). Every attempt is refused by the
 gate, the SuperLink never sees them and its state (nodes, runs) is
-unchanged; the registered hospital then trains through the same port.
+unchanged; a registered hospital then joins through the same port.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import subprocess
@@ -31,7 +32,7 @@ from google.protobuf.message import Message
 from client.keys import generate_key_pair
 from common.processes import ManagedProcess, free_port, wait_for_port
 from server.fleet_gate import FLEET_PATHS, NOT_SERVED
-from server.registry import flwr_json, list_nodes, site_superlink
+from server.registry import flwr_json
 from server.runner import Connection
 from server.superlink import control_address, serving
 from tests.conftest import ROOT
@@ -69,6 +70,17 @@ def test_the_gate_passes_exactly_flowers_fleet_api() -> None:
     assert routes == {("POST", path) for path in FLEET_PATHS}
 
 
+def link_state(address: str, ca: Path | None) -> tuple[set[int], set[int]]:
+    """(node IDs, run IDs) the SuperLink knows, asked on its loopback Control API."""
+    scheme = "https" if ca else "http"
+    with httpx.Client(base_url=f"{scheme}://{address}", verify=str(ca) if ca else False,
+                      timeout=30, headers=PROTOBUF) as client:
+        nodes = client.post("/v1/control/list-nodes", content=b"").raise_for_status()
+        runs = client.post("/v1/control/list-runs", content=b"").raise_for_status()
+    return ({n.node_id for n in control_pb2.ListNodesResponse.FromString(nodes.content).nodes_info},
+            set(control_pb2.ListRunsResponse.FromString(runs.content).run_dict))
+
+
 def raw_status(port: int, target: str, ca: Path | None) -> int:
     """Status code the gate answers to ``POST target`` sent unmodified over (TLS) TCP."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -99,9 +111,8 @@ def refused_everywhere(base: str, ca: Path | None) -> None:
 
 
 def started_server(fed: Federation) -> tuple[ManagedProcess, Connection]:
-    """``python -m server`` waiting for one hospital; returns it and its loopback connection."""
-    server = fed.server("federation.rounds=1", "federation.min_train=1",
-                        "federation.fraction_evaluate=0", wait_for=1)
+    """``python -m server`` waiting for two hospitals; returns it and its loopback connection."""
+    server = fed.server(wait_for=2)  # at most --wait-timeout (300 s): the test stops it first
     deadline = time.monotonic() + 120
     while (address := control_address(fed.certs)) is None:
         assert time.monotonic() < deadline and server.poll() is None, output(server)
@@ -112,17 +123,17 @@ def started_server(fed: Federation) -> tuple[ManagedProcess, Connection]:
 
 def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(federation: Federation) -> None:
     """Through the public port an outsider holding ca.crt lists, registers and submits
-    nothing; the SuperLink's nodes and runs are unchanged; site-a trains through the gate."""
-    fed, home = federation, federation.root / "site-cli"
+    nothing; the SuperLink's nodes and runs are unchanged; site-a joins through the gate
+    (a whole run through it: tests/test_deployment.py)."""
+    fed = federation
     server, local = started_server(fed)
-    nodes = list_nodes(local, home)
-    assert len(nodes) == 3  # the provisioned hospitals, registered at startup
-    assert flwr_json(["ls"], local, home) == {"success": True, "runs": []}
+    before = link_state(local.address, fed.certs.ca)
+    assert len(before[0]) == 3 and not before[1]  # the hospitals, registered; no run yet
 
     outsider, intruder = fed.root / "outsider", fed.root / "intruder.pub"
     intruder.write_bytes(generate_key_pair("intruder")[1])
     public = Connection("outsider", f"127.0.0.1:{fed.port}", str(fed.certs.ca))
-    for args in (["supernode", "list"], ["supernode", "register", str(intruder)], ["ls"],
+    for args in (["supernode", "list"], ["supernode", "register", str(intruder)],
                  ["run", str(ROOT)]):
         answer = flwr_json(args, public, outsider)
         assert not answer["success"], (args, answer)
@@ -133,24 +144,23 @@ def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(federation: Federati
                              headers=PROTOBUF, content=b"")
         assert fleet.status_code == 401  # ... and Flower refuses an unsigned one
 
-    assert list_nodes(local, home) == nodes and flwr_json(["ls"], local, home)["runs"] == []
+    assert link_state(local.address, fed.certs.ca) == before  # no new node, no run
     link_log = (fed.run_dir / "superlink.log").read_text()
     assert "/v1/control/register-node" not in link_log  # the gate kept them all away
     assert "/v1/control/stop-run" not in link_log and "/v1/control/start-run" not in link_log
     assert "refused POST /v1/runtime/acquire-task" in (fed.run_dir / "fleet_gate.log").read_text()
+    fed.hospital("site-a")  # registered: it joins through the same port
+    deadline = time.monotonic() + 120
+    while "hospitals connected: 1/2 (site-a)" not in output(server):
+        assert time.monotonic() < deadline and server.poll() is None, output(server)
+        time.sleep(0.5)
     registry = subprocess.run([sys.executable, "-m", "server.registry", "list", "--certs",
                                str(fed.certs.folder)], capture_output=True, text=True,
-                              cwd=ROOT, timeout=120, check=True)
-    assert "site-a" in registry.stdout and "no server is running" not in registry.stdout
-
-    fed.hospital("site-a")
-    assert server.wait(timeout_s=300) == 0, output(server)[-3000:]
-    assert fed.summary()["rounds"] == 1 and fed.rounds_done() == [1]
+                              cwd=ROOT, timeout=120, check=True)  # finds the loopback port
+    assert re.search(r"site-a +node \d+ +online", registry.stdout), registry.stdout
+    assert "no server is running" not in registry.stdout
+    server.stop()
     assert not fed.certs.control_record.exists()
-    with site_superlink(fed.certs, None, fed.root) as (conn, flwr_home):
-        assert {n["node-id"] for n in list_nodes(conn, flwr_home)} == {
-            n["node-id"] for n in nodes}
-        assert len(flwr_json(["ls"], conn, flwr_home)["runs"]) == 1  # the server's own
 
 
 @pytest.fixture
