@@ -26,7 +26,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from client.hospital import DEFAULT_DELTA
+from client.hospital import DEFAULT_DELTA, SplitPolicy
 from client.node import (
     LEDGER_FILE,
     NODE_CONFIG_FILE,
@@ -74,6 +74,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
                    f"disk (default: KIT/{LEDGER_FILE}, or HOME/{LEDGER_FILE} without a kit)")
     p.add_argument("--allowed-metrics", help="comma-separated metric names that may leave "
                    "(default: the ones MedFed sends)")
+    split = SplitPolicy()
+    p.add_argument("--split-seed", type=int, default=split.seed,
+                   help="seed of this hospital's own train/val/test split of --data-path")
+    p.add_argument("--val-fraction", type=float, default=split.val_fraction)
+    p.add_argument("--test-fraction", type=float, default=split.test_fraction,
+                   help="share of --data-path held out for evaluation (same images every run)")
+    p.add_argument("--slice-block", type=int, default=split.slice_block,
+                   help="segmentation: neighbouring slices kept on one side of the split")
     p.add_argument("--max-retries", type=int, help="give up after this many failed connections")
     p.add_argument("--max-wait-time", type=float, help="give up after this many seconds away")
     p.add_argument("--port", type=int, help="local ClientApp runtime port (default: a free one)")
@@ -111,6 +119,14 @@ def _link(args: argparse.Namespace, kit: Kit | None, superlink: str) -> Link:
     return link
 
 
+def _split(args: argparse.Namespace) -> SplitPolicy:
+    try:
+        return SplitPolicy(seed=args.split_seed, val_fraction=args.val_fraction,
+                           test_fraction=args.test_fraction, slice_block=args.slice_block)
+    except ValueError as err:
+        raise NodeSetupError(f"--{err}") from None
+
+
 def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
     """Hospital settings, link and home folder from the command line (and kit).
 
@@ -136,7 +152,8 @@ def setup(args: argparse.Namespace) -> tuple[HospitalSettings, Link, Path]:
         data_path=args.data_path and str(args.data_path.resolve()),
         device=args.device, max_epsilon=args.max_epsilon,
         delta=DEFAULT_DELTA if args.delta is None else args.delta,
-        ledger_path=str(ledger.resolve()), allowed_metrics=metrics or None)
+        ledger_path=str(ledger.resolve()), allowed_metrics=metrics or None,
+        split=_split(args))
     link = _link(args, kit, str(_pick(args.superlink, kit, "superlink", "--superlink")))
     return settings, link, home
 

@@ -19,6 +19,9 @@ A deployed hospital's policy (node config written by ``python -m client``):
 - ``allowed-metrics``: comma-separated names of the metrics that may leave
   (default :data:`common.wire.DEFAULT_ALLOWED_METRICS`); the guard refuses a
   reply carrying any other.
+- ``split-seed``, ``val-fraction``, ``test-fraction``, ``slice-block``: how
+  its own data folder is divided (:class:`SplitPolicy`); the server's
+  ``seed`` and ``data.*_fraction`` / ``data.slice_block`` are ignored for it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,38 @@ DEFAULT_DELTA = 1e-5
 
 class RoundDeclinedError(RuntimeError):
     """The hospital's own policy declines this round; nothing was trained or sent."""
+
+
+@dataclass(frozen=True)
+class SplitPolicy:
+    """How a deployed hospital divides its own folder into train / val / test.
+
+    Fixed by the hospital, so its held-out test split (what its evaluation
+    metrics are computed on) is the same images in every run, whatever seed
+    or fractions the server's experiment names.
+
+    Attributes:
+        seed: seed of the division (``split-seed``).
+        val_fraction: share held out for validation (``val-fraction``).
+        test_fraction: share held out for testing (``test-fraction``).
+        slice_block: segmentation: neighbouring slices kept on one side
+            (``slice-block``), when volumes are too few to split whole.
+    """
+
+    seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    slice_block: int = 8
+
+    def __post_init__(self) -> None:
+        for key, value in ((wire.VAL_FRACTION, self.val_fraction),
+                           (wire.TEST_FRACTION, self.test_fraction)):
+            if not 0 <= value < 1:
+                raise ValueError(f"{key}={value} must lie in [0, 1)")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"{wire.VAL_FRACTION} + {wire.TEST_FRACTION} must be < 1")
+        if self.slice_block < 1:
+            raise ValueError(f"{wire.SLICE_BLOCK}={self.slice_block} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -55,6 +90,8 @@ class Hospital:
         ledger_path: its privacy ledger file; None (simulation only) = the
             experiment's ledger folder.
         allowed_metrics: names of the metrics its replies may carry.
+        split: how it divides its own folder (deployed); None = the
+            experiment's data settings (simulation).
     """
 
     index: int
@@ -66,6 +103,7 @@ class Hospital:
     delta: float | None = None
     ledger_path: str | None = None
     allowed_metrics: frozenset[str] = wire.DEFAULT_ALLOWED_METRICS
+    split: SplitPolicy | None = None
 
     @property
     def deployed(self) -> bool:
@@ -148,4 +186,19 @@ def hospital_from_node_config(node_config: NodeConfig) -> Hospital:
         delta=DEFAULT_DELTA if delta is None and ledger is not None else delta,
         ledger_path=ledger,
         allowed_metrics=allowed_metrics(node_config),
+        split=None if ledger is None else _split(node_config),
     )
+
+
+def _split(node_config: NodeConfig) -> SplitPolicy:
+    """A deployed hospital's split policy (defaults for keys it does not set)."""
+    default = SplitPolicy()
+
+    def value(key: str, fallback: float) -> float:
+        found = _number(node_config, key)
+        return fallback if found is None else found
+
+    return SplitPolicy(seed=int(value(wire.SPLIT_SEED, default.seed)),
+                       val_fraction=value(wire.VAL_FRACTION, default.val_fraction),
+                       test_fraction=value(wire.TEST_FRACTION, default.test_fraction),
+                       slice_block=int(value(wire.SLICE_BLOCK, default.slice_block)))

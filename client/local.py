@@ -5,6 +5,7 @@ The ClientApp handlers unpack a message, call these, and pack the reply.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -49,6 +50,21 @@ def _site_data_cached(settings_json: str, index: int, data_path: str | None) -> 
     return load_site(settings_from_json(settings_json), index, data_path=data_path)
 
 
+def split_settings(settings: Settings, hospital: Hospital) -> Settings:
+    """``settings`` with a deployed hospital's own split of its own folder.
+
+    The server's ``seed``, ``data.val_fraction``, ``data.test_fraction`` and
+    ``data.slice_block`` would otherwise decide which of the hospital's
+    images are held out, and could move them between runs.
+    """
+    split = hospital.split
+    if split is None or not hospital.data_path:
+        return settings
+    data = dataclasses.replace(settings.data, val_fraction=split.val_fraction,
+                               test_fraction=split.test_fraction, slice_block=split.slice_block)
+    return dataclasses.replace(settings, seed=split.seed, data=data)
+
+
 def site_data(settings: Settings, hospital: Hospital) -> SiteData:
     """This hospital's train/val/test splits, read once per process and run.
 
@@ -59,7 +75,8 @@ def site_data(settings: Settings, hospital: Hospital) -> SiteData:
     datasets in memory. A deployed hospital's ClientApp process serves one
     message and reads its data each time. Errors are not memoised.
     """
-    return _site_data_cached(settings_to_json(settings), hospital.index, hospital.data_path)
+    own = split_settings(settings, hospital)
+    return _site_data_cached(settings_to_json(own), hospital.index, hospital.data_path)
 
 
 def _device(settings: Settings, hospital: Hospital) -> torch.device:

@@ -21,7 +21,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from client.hospital import DEFAULT_DELTA
+from client.hospital import DEFAULT_DELTA, SplitPolicy
 from common import wire
 from common.processes import free_port
 
@@ -56,6 +56,7 @@ class HospitalSettings:
             (``python -m client`` always sets one: KIT/privacy-ledger.json).
         allowed_metrics: names of the metrics that may leave; None = what
             MedFed sends (:data:`common.wire.DEFAULT_ALLOWED_METRICS`).
+        split: how its own data folder is divided into train/val/test.
     """
 
     name: str
@@ -67,6 +68,7 @@ class HospitalSettings:
     delta: float = DEFAULT_DELTA
     ledger_path: str | None = None
     allowed_metrics: tuple[str, ...] | None = None
+    split: SplitPolicy = SplitPolicy()
 
     def __post_init__(self) -> None:
         if not 0 <= self.partition_id < self.num_partitions:
@@ -90,7 +92,10 @@ class HospitalSettings:
             wire.NUM_PARTITIONS: self.num_partitions, wire.DATA_PATH: self.data_path,
             wire.DEVICE: self.device, wire.MAX_EPSILON: self.max_epsilon,
             wire.MAX_DELTA: self.delta, wire.LEDGER_PATH: self.ledger_path,
-            wire.ALLOWED_METRICS: metrics,
+            wire.ALLOWED_METRICS: metrics, wire.SPLIT_SEED: self.split.seed,
+            wire.VAL_FRACTION: self.split.val_fraction,
+            wire.TEST_FRACTION: self.split.test_fraction,
+            wire.SLICE_BLOCK: self.split.slice_block,
         }
         return {key: value for key, value in values.items() if value is not None}
 
@@ -100,8 +105,10 @@ class HospitalSettings:
                    if self.max_epsilon is not None else "no epsilon ceiling")
         metrics = (", ".join(self.allowed_metrics) if self.allowed_metrics
                    else "MedFed's default set")
+        split = self.split
         return (f"policy: {ceiling}; delta {self.delta:g} (the server can only lower it); "
-                f"ledger {self.ledger_path}; metrics allowed to leave: {metrics}")
+                f"ledger {self.ledger_path}; metrics allowed to leave: {metrics}; data split "
+                f"seed {split.seed}, val {split.val_fraction:g}, test {split.test_fraction:g}")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,10 @@ MAX_EPSILON = "max-epsilon"
 MAX_DELTA = "delta"
 LEDGER_PATH = "ledger-path"
 ALLOWED_METRICS = "allowed-metrics"
+SPLIT_SEED = "split-seed"
+VAL_FRACTION = "val-fraction"
+TEST_FRACTION = "test-fraction"
+SLICE_BLOCK = "slice-block"
 
 
 def metric_record(values: Mapping[str, float]) -> MetricRecord:

@@ -11,6 +11,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
@@ -169,3 +170,41 @@ def test_runs_launched_at_once_never_pass_the_ceiling_together(tmp_path: Path) -
     assert ledger.counted("site-a") == [ROUND] and ledger.reserved("site-a") == []
     assert epsilon_spent(ledger.counted("site-a"), delta=PRIVACY.delta,
                          accountant="prv") <= ceiling
+
+
+def _image_folder(folder: Path, count: int = 20) -> Path:
+    """``count`` real PNG files, image i bright in row i only, with a labels.csv."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rows = []
+    for i in range(count):
+        pixels = np.zeros((28, 28), dtype=np.uint8)
+        pixels[i] = 255
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+        rows.append(f"img{i}.png,{i % 2}\n")
+    (folder / "labels.csv").write_text("image,label\n" + "".join(rows))
+    return folder
+
+
+def _held_out(settings: Settings, hospital: Hospital) -> set[int]:
+    """Which images (their bright row) are in ``hospital``'s test split."""
+    test = site_data(settings, hospital).test
+    return {int(test[i][0][0].mean(dim=1).argmax()) for i in range(len(test))}  # type: ignore[arg-type]
+
+
+def test_a_deployed_hospital_holds_out_the_same_images_whatever_the_server_sends(
+        tmp_path: Path) -> None:
+    folder = _image_folder(tmp_path / "site-a")
+    node: dict[str, str | int] = {wire.PARTITION_ID: 0, wire.NUM_PARTITIONS: 2,
+                                  wire.DATA_PATH: str(folder),
+                                  wire.LEDGER_PATH: str(tmp_path / "ledger.json")}
+    deployed = hospital_from_node_config(node)
+    runs = [small_settings(tmp_path / f"r{i}", *extra) for i, extra in
+            enumerate([(), ("seed=5",), ("seed=9", "data.test_fraction=0.5",
+                                         "data.val_fraction=0.3", "data.slice_block=2")])]
+    held_out = [_held_out(settings, deployed) for settings in runs]
+    assert held_out[0] == held_out[1] == held_out[2] and len(held_out[0]) == 4  # 0.2 of 20
+    # the same folder split by the server's settings would move images between runs
+    by_server = Hospital(index=0, count=2, name="site-a", data_path=str(folder))
+    assert len({frozenset(_held_out(settings, by_server)) for settings in runs}) > 1
