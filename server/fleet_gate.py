@@ -31,9 +31,8 @@ from pathlib import Path
 import httpx
 import uvicorn
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
@@ -68,7 +67,9 @@ HOP_BY_HOP = frozenset({
 could forge (the SuperLink's uvicorn trusts them from 127.0.0.1, i.e. the gate)."""
 ANSWER_HEADERS_DROPPED = frozenset({
     "connection", "keep-alive", "transfer-encoding", "upgrade", "date", "server",
+    "content-length",
 })
+"""Answer headers the gate's own server sets (the SuperLink's body is passed unchanged)."""
 NOT_SERVED = {"detail": "Not Found: this port serves only Flower's Fleet API (SuperNodes)"}
 
 log = logging.getLogger("medfed.gate")
@@ -98,35 +99,44 @@ async def _body(request: Request) -> bytes | None:
     return b"".join(chunks)
 
 
-async def forward(request: Request) -> Response:
-    """Pass one Fleet API call to the SuperLink and stream its answer back unchanged.
+async def _answer(client: httpx.AsyncClient, upstream: httpx.Request) -> Response:
+    """Send ``upstream`` and return the SuperLink's answer byte for byte (read in full)."""
+    try:
+        answer = await client.send(upstream, stream=True)
+        try:
+            body = b"".join([chunk async for chunk in answer.aiter_raw()])
+        finally:
+            await answer.aclose()
+    except httpx.TimeoutException:
+        return JSONResponse({"detail": "the SuperLink did not answer in time"}, status_code=504)
+    except httpx.TransportError as err:
+        log.warning("[MedFed] gate: SuperLink unreachable: %s", err)
+        return JSONResponse({"detail": "the SuperLink is not reachable"}, status_code=502)
+    response = Response(body, status_code=answer.status_code)
+    response.raw_headers = [
+        *((k.encode("latin-1"), v.encode("latin-1")) for k, v in answer.headers.multi_items()
+          if k.lower() not in ANSWER_HEADERS_DROPPED),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    return response
+
+
+async def forward(request: Request, path: str) -> Response:
+    """Pass one Fleet API call (``POST path``) to the SuperLink and its answer back unchanged.
 
     Returns 413 for a body over :data:`MAX_BODY_BYTES`, 502 when the SuperLink
     cannot be reached and 504 when it does not answer in time (SuperNodes
     retry both, as they do when the SuperLink itself is down).
     """
-    client: httpx.AsyncClient = request.app.state.upstream
     try:
         body = await _body(request)
     except ClientDisconnect:
         return Response(status_code=400)
     if body is None:
         return JSONResponse({"detail": "request body too large"}, status_code=413)
-    upstream = client.build_request("POST", request.url.path, content=body,
-                                    headers=_request_headers(request))
-    try:
-        answer = await client.send(upstream, stream=True)
-    except httpx.TimeoutException:
-        return JSONResponse({"detail": "the SuperLink did not answer in time"}, status_code=504)
-    except httpx.TransportError as err:
-        log.warning("[MedFed] gate: SuperLink unreachable: %s", err)
-        return JSONResponse({"detail": "the SuperLink is not reachable"}, status_code=502)
-    headers = [(k, v) for k, v in answer.headers.multi_items()
-               if k.lower() not in ANSWER_HEADERS_DROPPED]
-    response = StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
-                                 background=BackgroundTask(answer.aclose))
-    response.raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    return response
+    client: httpx.AsyncClient = request.app.state.upstream
+    return await _answer(client, client.build_request(
+        "POST", path, content=body, headers=_request_headers(request)))
 
 
 async def refuse(request: Request) -> Response:
@@ -142,8 +152,9 @@ class _Gate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        allowed = scope["method"] == "POST" and scope["path"] in FLEET_PATHS
-        response = await (forward(request) if allowed else refuse(request))
+        path = scope["path"]
+        allowed = scope["method"] == "POST" and path in FLEET_PATHS
+        response = await (forward(request, path) if allowed else refuse(request))
         await response(scope, receive, send)
 
 
