@@ -14,8 +14,11 @@ from opacus.accountants import RDPAccountant
 
 from bench.hostile_app import hostile_project
 from common import wire
+from server.app import earlier_releases
+from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.client_dp import (
     CLIENT_CLIP_TOLERANCE,
+    RELEASES,
     client_level_epsilon,
     sampled_per_round,
     wrap_client_level,
@@ -47,6 +50,16 @@ def test_client_level_epsilon_is_rdp_over_the_releases(tmp_path: Path) -> None:
     assert last["sample-rate"] == 1.0 and last["rounds"] == 3  # no amplification claimed
     assert client_level_epsilon(settings, [])["epsilon"] == 0.0
     assert sampled_per_round(settings) == 3
+
+
+def test_releases_survive_a_checkpoint_and_an_old_one_is_refused(tmp_path: Path) -> None:
+    releases = [{"round": 1.0, "aggregated": 2.0, "noise-std": 0.4, "noise-multiplier": 0.8}]
+    save_checkpoint(tmp_path, Checkpoint(1, {"w": torch.ones(2)}, {RELEASES: releases}))
+    restored = load_checkpoint(tmp_path)
+    assert restored is not None and earlier_releases(restored) == releases
+    save_checkpoint(tmp_path, Checkpoint(1, {"w": torch.ones(2)}, {}))
+    with pytest.raises(ValueError, match="no record of its client-level DP releases"):
+        earlier_releases(load_checkpoint(tmp_path))
 
 
 def _sent(node: int) -> Message:
