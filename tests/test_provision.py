@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import pty
 import select
+import signal
 import stat
 import sys
 import time
@@ -191,21 +192,28 @@ def test_ca_key_is_encrypted_and_renew_needs_its_passphrase(
 
 
 def at_terminal(argv: list[str], answers: list[bytes], timeout_s: float = 120) -> tuple[int, str]:
-    """Run ``python ARGV`` on a pseudo-terminal, typing each answer after a prompt (``...:``)."""
+    """Run ``python ARGV`` on a pseudo-terminal, typing each answer after a prompt (``...: ``).
+
+    The child is killed (by its PID) if it outlives ``timeout_s``.
+    """
     pid, fd = pty.fork()
     if pid == 0:  # the child: a real process whose stdin is a terminal
-        os.chdir(ROOT)
-        os.execv(sys.executable, [sys.executable, *argv])
+        try:
+            os.chdir(ROOT)
+            os.execv(sys.executable, [sys.executable, *argv])
+        finally:
+            os._exit(127)
     out, pending, deadline = b"", list(answers), time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if select.select([fd], [], [], 0.5)[0]:
             try:
-                chunk = os.read(fd, 4096)
+                out += os.read(fd, 4096)
             except OSError:  # the child closed the terminal
                 break
-            out += chunk
-            if pending and out.rstrip().endswith(b":"):
+            if pending and out.endswith(b": "):  # a prompt, its terminal already set up
                 os.write(fd, pending.pop(0) + b"\n")
+    else:
+        os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
     os.close(fd)
     return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
