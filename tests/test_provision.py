@@ -239,13 +239,14 @@ def test_node_config_reaches_flower_intact(tmp_path: Path) -> None:
                                 data_path=str(odd), device="cpu", max_epsilon=8.0, delta=1e-5,
                                 ledger_path=str(tmp_path / "ledger.json"))
     path = write_node_config(settings.node_config(), tmp_path / "node-config.toml")
+    split = {"split-seed": 0, "val-fraction": 0.15, "test-fraction": 0.2, "slice-block": 8}
     assert parse_config_args([str(path)]) == {
         "hospital-name": "site-a", "partition-id": 1, "num-partitions": 3,
         "data-path": str(odd), "device": "cpu", "max-epsilon": 8.0, "delta": 1e-5,
-        "ledger-path": str(tmp_path / "ledger.json")}
+        "ledger-path": str(tmp_path / "ledger.json"), **split}
     assert parse_config_args([str(write_node_config(
         HospitalSettings("b", 0, 1).node_config(), tmp_path / "min.toml"))]) == {
-        "hospital-name": "b", "partition-id": 0, "num-partitions": 1, "delta": 1e-5}
+        "hospital-name": "b", "partition-id": 0, "num-partitions": 1, "delta": 1e-5, **split}
 
 
 def test_supernode_command_line(fed: Path, tmp_path: Path) -> None:
