@@ -13,8 +13,12 @@ Without a CA certificate the node refuses to start unless ``--insecure``
 The hospital's own settings (data, device, privacy ceiling, ledger) travel
 in the node config: the server cannot change them. The node waits for the
 server if it is not up yet and reconnects after a server restart (Flower's
-own retry; ``--max-retries`` / ``--max-wait-time`` bound it). Ctrl-C or
-SIGTERM stops the node and every ClientApp process it started.
+own retry; ``--max-retries`` / ``--max-wait-time`` bound it). The node
+answers only with app bundles this hospital approved (``python -m client
+approve``; a hospital's runner, :mod:`client.runner`, refuses any other before
+running any of it) and records every reply it sends in ``HOME/audit.jsonl``
+(``python -m client audit``). Ctrl-C or SIGTERM stops the node, the runner
+and every ClientApp process they started.
 """
 
 from __future__ import annotations

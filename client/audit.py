@@ -40,10 +40,10 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from client.approval import ApprovalError, hospital_home, now
+from common.wire import EPSILON
 
 AUDIT_FILE = "audit.jsonl"
 GENESIS = "0" * 64
-EPSILON_METRIC = "epsilon"
 
 Entry = dict[str, Any]
 
@@ -77,7 +77,7 @@ def describe(reply: Message) -> Entry:
                for name, record in content.metric_records.items()}
     configs = {name: {key: _value(v) for key, v in record.items()}
                for name, record in content.config_records.items()}
-    epsilon = next((m[EPSILON_METRIC] for m in metrics.values() if EPSILON_METRIC in m), None)
+    epsilon = next((m[EPSILON] for m in metrics.values() if EPSILON in m), None)
     return {"arrays": arrays, "metrics": metrics, "configs": configs, "epsilon": epsilon,
             "error": None}
 

@@ -71,10 +71,11 @@ def install(store: AppStore, bundle: Bundle, fab: bytes) -> Path:
     if not target.is_dir():
         store.installed.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=store.installed, prefix=".unpacking-"))
-        install_from_fab(fab, install_dir=staging, skip_prompt=True)
         try:
-            os.rename(staging, target)
-        except OSError:  # another message installed it meanwhile
+            install_from_fab(fab, install_dir=staging, skip_prompt=True)
+            if not target.is_dir():  # another message may have installed it meanwhile
+                os.rename(staging, target)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
     (app_dir,) = (target / "apps").iterdir()
     return app_dir

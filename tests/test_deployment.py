@@ -58,6 +58,9 @@ class Federation:
         self.started: list[ManagedProcess] = []
         self.links = contextlib.ExitStack()  # SuperLinks behind their Fleet gate
         self.bundles: dict[Path, bytes] = {}  # app folder -> its bundle, built once
+        # the app submitted and approved: a snapshot, so edits to the checkout while a test
+        # runs cannot make the server ship code the hospitals did not approve
+        self.project = project_copy(root, "medfed")
 
     def start(self, name: str, argv: list[str]) -> ManagedProcess:
         proc = ManagedProcess(name, argv, self.root / f"{name}.out", cwd=ROOT).start()
@@ -69,11 +72,13 @@ class Federation:
         argv = [sys.executable, "-m", "server", "--certs", str(self.certs.folder),
                 "--host", "127.0.0.1", "--port", str(self.port), "--wait-for", str(wait_for)]
         argv += ["--resume"] if resume else []
-        argv += ["--app", str(app)] if app else []
+        argv += ["--app", str(app or self.project)]
         return self.start("server", [*argv, f"run_dir={self.run_dir}", *SMALL, *overrides])
 
-    def approve(self, label: str, app: Path = ROOT) -> None:
-        """The hospital approves the bundle of ``app`` (``python -m client approve --source``)."""
+    def approve(self, label: str, app: Path | None = None) -> None:
+        """The hospital approves the bundle of ``app`` (default: the snapshot of this project),
+        as ``python -m client approve --source APP`` does."""
+        app = app or self.project
         if app not in self.bundles:
             self.bundles[app] = build_from_source(app)
         approve_fab(AppStore(self.root / f"home-{label}"), self.bundles[app], f"built from {app}")
@@ -300,12 +305,19 @@ app.evaluate()(medfed.evaluate)
 '''
 
 
-def faulty_project(root: Path) -> Path:
-    """A copy of this Flower app whose ClientApp is :data:`FAULTY_APP`."""
-    project = root / "faultyapp"
+def project_copy(root: Path, name: str) -> Path:
+    """A copy of this Flower app (its packages and pyproject) in ``root/name``."""
+    project = root / name
     for package in ("common", "server", "client"):
         shutil.copytree(ROOT / package, project / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", project / "pyproject.toml")
+    return project
+
+
+def faulty_project(root: Path) -> Path:
+    """A copy of this Flower app whose ClientApp is :data:`FAULTY_APP`."""
+    project = project_copy(root, "faultyapp")
     (project / "faulty_app.py").write_text(FAULTY_APP)
     pyproject = (ROOT / "pyproject.toml").read_text()
     pyproject = pyproject.replace('clientapp = "client.app:app"', 'clientapp = "faulty_app:app"')
