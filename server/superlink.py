@@ -227,6 +227,21 @@ def control_recorded(certs: Certificates | None, address: str) -> Iterator[None]
                 certs.control_record.unlink()
 
 
+def ensure_free(host: str, port: int) -> None:
+    """Fail fast when something already listens on ``host:port``.
+
+    Raises:
+        RuntimeError: the port is taken (another server running?).
+    """
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror} (is another "
+                               "server running? choose another --port)") from None
+
+
 @contextlib.contextmanager
 def serving(*, host: str, port: int, certs: Certificates | None, database: Path,
             log_dir: Path, flwr_home: Path) -> Iterator[Connection]:
@@ -242,9 +257,11 @@ def serving(*, host: str, port: int, certs: Certificates | None, database: Path,
         (the loopback port; the public port refuses it).
 
     Raises:
-        RuntimeError: one of them exited before listening (its log is quoted).
+        RuntimeError: ``host:port`` is taken, or one of them exited before
+            listening (its log is quoted).
         TimeoutError: one of them did not listen within a minute.
     """
+    ensure_free(host, port)
     loopback = free_port()
     link = superlink_process(host="127.0.0.1", port=loopback, certs=certs, database=database,
                              log_path=log_dir / "superlink.log", flwr_home=flwr_home)
