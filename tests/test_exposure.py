@@ -121,6 +121,7 @@ def started_server(fed: Federation) -> tuple[ManagedProcess, Connection]:
     return server, Connection("medfed", address, str(fed.certs.ca))
 
 
+@pytest.mark.slow
 def test_an_outsider_with_the_ca_reaches_only_the_fleet_api(federation: Federation) -> None:
     """Through the public port an outsider holding ca.crt lists, registers and submits
     nothing; the SuperLink's nodes and runs are unchanged; site-a joins through the gate
@@ -172,6 +173,7 @@ def insecure_site(tmp_path: Path) -> Iterator[tuple[str, str]]:
         yield f"http://127.0.0.1:{port}", f"http://{conn.address}"
 
 
+@pytest.mark.slow
 def test_insecure_mode_has_the_same_gate(insecure_site: tuple[str, str]) -> None:
     """Without TLS the public port refuses the same calls; the loopback port answers them."""
     public, loopback = insecure_site
