@@ -58,6 +58,8 @@ MAX_BODY_BYTES = 64 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0
 """Longer than a SuperNode waits for one call (30 s), so the node times out first."""
+KEEPALIVE_S = 2.0
+"""Idle loopback connections are dropped before the SuperLink's uvicorn drops them (5 s)."""
 HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
     "trailer", "trailers", "transfer-encoding", "upgrade", "host", "content-length",
@@ -173,6 +175,7 @@ def create_app(upstream: str, verify: ssl.SSLContext | bool) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         timeout = httpx.Timeout(READ_TIMEOUT_S, connect=CONNECT_TIMEOUT_S)
         async with httpx.AsyncClient(base_url=upstream, verify=verify, timeout=timeout,
+                                     limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S),
                                      trust_env=False) as client:
             app.state.upstream = client
             yield
