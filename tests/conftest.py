@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
 
 from common.compose import compose_settings, finalize
 from common.config import Settings
+from common.processes import stop_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -40,3 +44,19 @@ def small_settings(tmp_path: Path, *overrides: str) -> Settings:
 def needs_shared(path: Path) -> pytest.MarkDecorator:
     """Skip a test when ../shared/data is not beside the checkout."""
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not found (../shared missing)")
+
+
+def stop_leftovers(tmp_path: Path) -> None:
+    """Stop, by PID, every process whose command line names ``tmp_path``; then fail if any was.
+
+    Called after a test stopped the processes it started: anything still running
+    with the test's folder in its command line was started (indirectly) by it.
+    """
+    time.sleep(0.5)
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
+                left.append(proc.info["pid"])
+    stop_pids(left, grace_s=5)
+    assert not left, f"processes left running: {left}"

@@ -9,7 +9,6 @@ audit record of that run with ``python -m client audit``.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
@@ -17,12 +16,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 from client.approval import AppStore, approve_fab
@@ -30,11 +27,11 @@ from client.approval import main as approval_main
 from client.bundle import BundleError, build_from_source, read_bundle
 from common.compose import compose_settings, finalize
 from common.config import Settings
-from common.processes import ManagedProcess, free_port, stop_pids
+from common.processes import ManagedProcess, free_port
 from server.registry import wait_for_hospitals
 from server.runner import RunFailedError, submit_and_follow
 from server.superlink import serving
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_leftovers
 
 MARKER_APP = '''"""MedFed's ClientApp, unchanged, behind a module that marks its import."""
 from pathlib import Path
@@ -154,14 +151,7 @@ def started(tmp_path: Path) -> Iterator[list[ManagedProcess]]:
     finally:
         for proc in reversed(procs):
             proc.stop(grace_s=5)
-        time.sleep(0.5)
-        left = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
-                    left.append(proc.info["pid"])
-        stop_pids(left, grace_s=5)
-        assert not left, f"processes left running: {left}"
+        stop_leftovers(tmp_path)
 
 
 def one_round(tmp_path: Path) -> Settings:

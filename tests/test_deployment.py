@@ -24,12 +24,12 @@ from client.approval import AppStore, approve_fab
 from client.bundle import build_from_source
 from client.keys import keygen
 from client.node import read_kit
-from common.processes import ManagedProcess, free_port, stop_pids
+from common.processes import ManagedProcess, free_port
 from server.provision import add_key, init
 from server.registry import RegistrationError, flwr_json, list_nodes, register_all, remove
 from server.runner import Connection
 from server.superlink import Certificates, serving
-from tests.conftest import ROOT
+from tests.conftest import ROOT, stop_leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -145,14 +145,7 @@ def federation(tmp_path: Path) -> Iterator[Federation]:
         yield fed
     finally:
         fed.stop()
-        time.sleep(0.5)
-        left = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if str(tmp_path) in " ".join(proc.info["cmdline"] or []):
-                    left.append(proc.info["pid"])
-        stop_pids(left, grace_s=5)  # started (indirectly) by this test: stop, then fail
-        assert not left, f"processes left running: {left}"
+        stop_leftovers(tmp_path)
 
 
 def test_superlink_refuses_plain_text_and_unregistered_keys(federation: Federation) -> None:
