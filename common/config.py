@@ -229,7 +229,8 @@ class StrategyConfig:
         num_malicious: hospitals Krum assumes may be byzantine.
         norm_bound: bound on each hospital's update (its weights minus the
             global weights, L2 norm over all float arrays): ``median`` =
-            ``norm_factor`` x the round's (lower) median update norm,
+            ``norm_factor`` x the round's (lower) median update norm (with
+            3 or more updates; none with fewer),
             ``absolute`` = ``max_update_norm``, ``none`` = unbounded.
         norm_factor: multiple of the median norm an update may reach.
         max_update_norm: the absolute L2 bound (``norm_bound=absolute``).

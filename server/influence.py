@@ -25,8 +25,8 @@ the benchmark, ``bench/robustness.py``), each sending whatever it likes. It
 bounds, it does not prove: a hostile update of honest length and roughly
 honest direction still moves the model a little. It is applied by the
 coordinator, which must be trusted to. With two replies in a round there
-is no majority to compare against: the norm bound then uses the smaller
-norm and the direction check is skipped.
+is no majority to compare against: the median norm bound and the
+direction check are then skipped (an absolute bound still applies).
 """
 
 from __future__ import annotations
@@ -81,10 +81,14 @@ def lower_median(values: list[float]) -> float:
 
 
 def norm_limit(norms: list[float], cfg: StrategyConfig) -> float | None:
-    """The round's norm bound, or None when unbounded."""
+    """The round's norm bound, or None when unbounded.
+
+    The median bound needs 3 or more updates: of two, nobody can tell the
+    hostile one, and honest updates late in training were seen 20x apart.
+    """
     if cfg.norm_bound == "absolute":
         return cfg.max_update_norm
-    if cfg.norm_bound == "median" and norms:
+    if cfg.norm_bound == "median" and len(norms) >= 3:
         return cfg.norm_factor * lower_median(norms)
     return None
 

@@ -95,6 +95,10 @@ def test_long_updates_are_dropped_or_clipped(tmp_path: Path) -> None:
                                     "strategy.max_update_norm=5.0"),
                           [_reply(0, _filled(0.5)), _reply(1, _filled(1.5))])
     assert all(np.allclose(a, 0.5) for a in absolute.values())  # norm 1.5 x sqrt(25) > 5
+    # two honest updates 20x apart (seen late in training): no median to judge by, both kept
+    two = _strategy(tmp_path / "t")
+    _aggregate(two, [_reply(0, _filled(0.1)), _reply(1, _filled(2.0))])
+    assert two.last_aggregated == 2
 
 
 @pytest.mark.usefixtures("flower_identity")
