@@ -236,9 +236,9 @@ class StrategyConfig:
         max_update_norm: the absolute L2 bound (``norm_bound=absolute``).
         over_norm: what happens to an update over the bound: ``drop`` it
             (logged) or ``clip`` it to the bound (logged).
-        min_cosine: an update whose cosine similarity with the
-            coordinate-wise median of the round's updates is below this is
-            dropped (needs 3+ updates); null switches the check off.
+        min_cosine: an update whose cosine similarity with every other
+            update of the round is below this is dropped (needs 3+
+            updates); null switches the check off.
         max_weight_share: the largest share of a round's total weight
             (``num-examples``) one hospital may have; larger claims are
             capped (logged). 1 switches the cap off.

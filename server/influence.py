@@ -13,9 +13,12 @@ this round, over the floating-point arrays; its L2 norm is taken in float64.
    still add a garbage step of honest length to every round, while an
    honest hospital sits near the median, far inside a bound of 4x it.
 2. **Direction**: with 3 or more updates, one whose cosine similarity with
-   the coordinate-wise median of the round's updates is below
-   ``min_cosine`` is dropped. This catches an update of honest length that
+   *every* other update of the round is below ``min_cosine`` (it agrees
+   with nobody) is dropped. This catches an update of honest length that
    points the other way (a sign-flipped update), which no norm bound can.
+   (A check against the coordinate-wise median let a sign-flipped update
+   through after round 1 of a 20-round pneumonia run: each update is part
+   of the median it is compared with.)
 3. **Weight**: no hospital's ``num-examples`` may exceed ``max_weight_share``
    of the round's total; a larger claim is capped (water-filling), so one
    hospital claiming 1e12 samples gets at most that share, not the model.
@@ -93,23 +96,23 @@ def norm_limit(norms: list[float], cfg: StrategyConfig) -> float | None:
     return None
 
 
-def median_cosines(updates: list[Update]) -> list[float]:
-    """Cosine similarity of each update with the coordinate-wise median update.
+def best_agreement(updates: list[Update]) -> list[float]:
+    """For each update, its largest cosine similarity with any other update.
 
-    A zero update (or a zero median) counts as similarity 1: it moves nothing.
+    A zero update counts as similarity 1: it moves nothing.
     """
-    dots = np.zeros(len(updates))
-    squares = np.zeros(len(updates))
-    median_square = 0.0
+    count = len(updates)
+    gram = np.zeros((count, count))
     for key in updates[0]:
-        stacked = np.stack([u[key] for u in updates])
-        median = np.median(stacked, axis=0)
-        median_square += float(np.sum(np.square(median)))
-        flat = stacked.reshape(len(updates), -1)
-        dots += flat @ median.reshape(-1)
-        squares += np.sum(np.square(flat), axis=1)
-    scale = np.sqrt(squares * median_square)
-    return [float(d / s) if s > 0 else 1.0 for d, s in zip(dots, scale, strict=True)]
+        flat = np.stack([u[key].reshape(-1) for u in updates])
+        gram += flat @ flat.T
+    norms = np.sqrt(np.diag(gram))
+    best = []
+    for i in range(count):
+        others = [gram[i, j] / (norms[i] * norms[j]) for j in range(count)
+                  if j != i and norms[j] > 0]
+        best.append(max(others) if norms[i] > 0 and others else 1.0)
+    return [float(b) for b in best]
 
 
 def share_cap(weights: list[float], max_share: float) -> float | None:
@@ -195,12 +198,12 @@ def bound_influence(replies: list[Message], global_arrays: ArrayRecord, cfg: Str
     norms = [l2_norm(u) for u in updates]
     kept = _bound_norms(replies, updates, norms, reference, cfg, report)
     if cfg.min_cosine is not None and len(kept) >= 3:
-        cosines = median_cosines([updates[i] for i in kept])
+        cosines = best_agreement([updates[i] for i in kept])
         for i, cosine in zip(list(kept), cosines, strict=True):
             if cosine < cfg.min_cosine:
                 kept.remove(i)
-                report(i, f"update direction: cosine {cosine:.3f} with the median update, "
-                          f"below strategy.min_cosine={cfg.min_cosine}", True)
+                report(i, f"update direction: cosine at most {cosine:.3f} with any other "
+                          f"update, below strategy.min_cosine={cfg.min_cosine}", True)
     if weighting_key == wire.NUM_EXAMPLES:
         _cap_weights(replies, kept, weighting_key, cfg.max_weight_share, report)
     return Bounded(kept=kept, norms=norms)

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from bench.hostile_app import hostile_project
 from common import wire
-from server.influence import median_cosines, share_cap
+from server.influence import best_agreement, share_cap
 from server.replies import array_spec
 from server.report import RunRecorder
 from server.strategy import build_strategy, trim_fraction
@@ -123,9 +123,9 @@ def test_sign_flipped_update_is_dropped_and_honest_ones_kept(tmp_path: Path) -> 
     assert all(np.allclose(out[k], mean[k], atol=1e-6) for k in GLOBAL)
 
 
-def test_median_cosines_of_identical_and_opposite_updates() -> None:
+def test_best_agreement_of_identical_and_opposite_updates() -> None:
     u = {"w": np.arange(6.0).reshape(2, 3)}
-    cosines = median_cosines([u, u, {"w": -u["w"]}])
+    cosines = best_agreement([u, u, {"w": -u["w"]}])
     assert cosines[0] == pytest.approx(1.0) and cosines[2] == pytest.approx(-1.0)
 
 
