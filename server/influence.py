@@ -12,9 +12,12 @@ this round, over the floating-point arrays; its L2 norm is taken in float64.
    scaled x1000) carries a direction nobody can trust: clipping it would
    still add a garbage step of honest length to every round, while an
    honest hospital sits near the median, far inside a bound of 4x it.
-2. **Direction**: with 3 or more updates, one whose cosine similarity with
-   *every* other update of the round is below ``min_cosine`` (it agrees
-   with nobody) is dropped. This catches an update of honest length that
+2. **Direction**: with 3 or more updates, the one that agrees least with the
+   others is dropped if its cosine similarity with *every* other update of
+   the round is below ``min_cosine`` (at most one per round: late in
+   training honest updates are nearly orthogonal, cosines around -0.01, so
+   when a sign-flipped one (-0.07 and below) is among them, all three fall
+   under 0; dropping only the worst keeps the honest two). This catches an update of honest length that
    points the other way (a sign-flipped update), which no norm bound can.
    (A check against the coordinate-wise median let a sign-flipped update
    through after round 1 of a 20-round pneumonia run: each update is part
@@ -199,11 +202,10 @@ def bound_influence(replies: list[Message], global_arrays: ArrayRecord, cfg: Str
     kept = _bound_norms(replies, updates, norms, reference, cfg, report)
     if cfg.min_cosine is not None and len(kept) >= 3:
         cosines = best_agreement([updates[i] for i in kept])
-        for i, cosine in zip(list(kept), cosines, strict=True):
-            if cosine < cfg.min_cosine:
-                kept.remove(i)
-                report(i, f"update direction: cosine at most {cosine:.3f} with any other "
-                          f"update, below strategy.min_cosine={cfg.min_cosine}", True)
+        worst = int(np.argmin(cosines))
+        if cosines[worst] < cfg.min_cosine:
+            report(kept.pop(worst), f"update direction: cosine at most {cosines[worst]:.3f} "
+                   f"with any other update, below strategy.min_cosine={cfg.min_cosine}", True)
     if weighting_key == wire.NUM_EXAMPLES:
         _cap_weights(replies, kept, weighting_key, cfg.max_weight_share, report)
     return Bounded(kept=kept, norms=norms)
