@@ -17,8 +17,9 @@ this round, over the floating-point arrays; its L2 norm is taken in float64.
    the round is below ``min_cosine`` (at most one per round: late in
    training honest updates are nearly orthogonal, cosines around -0.01, so
    when a sign-flipped one (-0.07 and below) is among them, all three fall
-   under 0; dropping only the worst keeps the honest two). This catches an update of honest length that
-   points the other way (a sign-flipped update), which no norm bound can.
+   under 0; dropping only the worst keeps the honest two). This catches an
+   update of honest length that points the other way (a sign-flipped
+   update), which no norm bound can.
    (A check against the coordinate-wise median let a sign-flipped update
    through after round 1 of a 20-round pneumonia run: each update is part
    of the median it is compared with.)
