@@ -236,8 +236,9 @@ class StrategyConfig:
         max_update_norm: the absolute L2 bound (``norm_bound=absolute``).
         over_norm: what happens to an update over the bound: ``drop`` it
             (logged) or ``clip`` it to the bound (logged).
-        min_cosine: an update whose cosine similarity with every other
-            update of the round is below this is dropped (needs 3+
+        min_cosine: the update that agrees least with the others is
+            dropped when its cosine similarity with every other update of
+            the round is below this (at most one per round, needs 3+
             updates); null switches the check off.
         max_weight_share: the largest share of a round's total weight
             (``num-examples``) one hospital may have; larger claims are

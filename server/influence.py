@@ -27,8 +27,10 @@ this round, over the floating-point arrays; its L2 norm is taken in float64.
    of the round's total; a larger claim is capped (water-filling), so one
    hospital claiming 1e12 samples gets at most that share, not the model.
 
-What this holds against: a hostile minority of hospitals (one of three in
-the benchmark, ``bench/robustness.py``), each sending whatever it likes. It
+What this holds against: one hostile hospital in a round of three or more
+(measured with one of three, ``bench/robustness.py``), sending whatever it
+likes; the norm and weight bounds also limit several, the direction check
+drops at most one per round. It
 bounds, it does not prove: a hostile update of honest length and roughly
 honest direction still moves the model a little. It is applied by the
 coordinator, which must be trusted to. With two replies in a round there
