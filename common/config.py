@@ -256,7 +256,7 @@ class StrategyConfig:
     norm_factor: float = 4.0
     max_update_norm: float = 0.0
     over_norm: str = "drop"
-    min_cosine: float | None = 0.0
+    min_cosine: float | None = -0.1
     max_weight_share: float = 0.5
 
     def __post_init__(self) -> None:
