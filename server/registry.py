@@ -153,8 +153,10 @@ def register_all(certs: Certificates, conn: Connection, flwr_home: Path,
         if old.get("fingerprint") == fingerprint(key):
             if old.get("removed"):
                 raise RegistrationError(
-                    f"{name}'s key was removed and Flower never accepts it again: issue a new "
-                    f"one with `python -m server.provision rekey --hospitals {name}`")
+                    f"{name}'s key was removed and Flower never accepts it again: the "
+                    f"hospital makes a new one (`python -m client keygen --kit DIR --force`) "
+                    f"and you take it in (`python -m server.provision rekey --out DIR {name} "
+                    f"{name}.pub`)")
             continue
         if old.get("node-id", "unknown") != "unknown":  # a replaced key stops working
             with contextlib.suppress(RegistrationError):
@@ -163,7 +165,8 @@ def register_all(certs: Certificates, conn: Connection, flwr_home: Path,
         if node_id is None:
             node_id = old.get("node-id", "unknown")
             done.append(f"{name}: Flower knows this key already (node {node_id}); if it was "
-                        "removed, issue a new one with `python -m server.provision rekey`")
+                        "removed, the hospital makes a new one (`python -m client keygen "
+                        "--force`) and you take it in with `python -m server.provision rekey`")
         else:
             done.append(f"{name}: registered as node {node_id}")
         records[name] = {"node-id": node_id, "fingerprint": fingerprint(key)}
