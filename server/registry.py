@@ -20,9 +20,7 @@ and node IDs are recorded in ``state/registered.json``.
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import hashlib
 import json
 import os
 import subprocess
@@ -31,6 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from common.fingerprint import key_fingerprint
 from common.logs import medfed_logger
 from common.processes import running
 from server.runner import Connection, flwr_bin, flwr_env, write_flwr_config
@@ -55,10 +54,8 @@ class RegistrationError(RuntimeError):
 
 
 def fingerprint(public_key: Path) -> str:
-    """SHA-256 of an OpenSSH public key's key material (the comment is ignored)."""
-    blob = public_key.read_text().split()[1]
-    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(blob)).digest()
-                                        ).decode().rstrip("=")
+    """SHA-256 of an OpenSSH public key's key material, as ``ssh-keygen -l`` prints it."""
+    return key_fingerprint(public_key.read_bytes())
 
 
 def load_records(certs: Certificates) -> dict[str, dict[str, str]]:
