@@ -129,8 +129,9 @@ def finalize(settings: Settings, *, base: Path, suffix: str = "") -> Settings:
     """Make paths absolute and pick the run folder, in place.
 
     The apps run in other working directories (Flower installs them under
-    ``FLWR_HOME``), so ``data.path`` and ``run_dir`` become absolute, relative
-    to ``base``. An empty ``run_dir`` becomes ``runs/<name><suffix>-<time>``.
+    ``FLWR_HOME``), so ``data.path``, ``model.init_weights`` and ``run_dir``
+    become absolute, relative to ``base``. An empty ``run_dir`` becomes
+    ``runs/<name><suffix>-<time>``.
     """
     if not settings.run_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -138,4 +139,6 @@ def finalize(settings: Settings, *, base: Path, suffix: str = "") -> Settings:
     settings.run_dir = str((base / settings.run_dir).resolve())
     if settings.data.path:
         settings.data.path = str((base / settings.data.path).resolve())
+    if settings.model.init_weights:
+        settings.model.init_weights = str((base / settings.model.init_weights).resolve())
     return settings

@@ -31,6 +31,8 @@ ACCOUNTANTS = ("prv", "rdp")
 CLIPPING_SIDES = ("server", "client")
 NORM_BOUNDS = ("median", "absolute", "none")
 OVER_NORM_ACTIONS = ("drop", "clip")
+LR_SCHEDULES = ("constant", "cosine", "step")
+CLASS_WEIGHTS = ("none", "balanced", "fixed")
 
 
 class ConfigError(ValueError):
@@ -98,17 +100,40 @@ class ModelConfig:
         channels: feature channels per resolution level (cnn, unet,
             attentionunet; the first entry sets basicunet/segresnet width).
         dropout: dropout probability.
+        init_weights: a weights file that initialises the global model of a
+            fresh run (never a resumed one): a MedFed run's
+            ``final_model.pt``/``best_model.pt``, a PyTorch state dict, a
+            checkpoint dict holding one (``state_dict``, ``model``,
+            ``weights``, ...) or a MONAI bundle's ``models/model.pt``. Tensors
+            whose names and shapes match are loaded, the rest keep their
+            seeded initial values (report: ``transfer.json``). null = none.
+        freeze: parameter names kept at the global values while hospitals
+            train the first ``freeze_rounds`` rounds: prefixes (``features``
+            covers ``features.conv0.weight``) or glob patterns (``*.bias``).
+        freeze_rounds: rounds (1-based, from round 1) in which ``freeze``
+            applies; must be >= 1 when ``freeze`` is set.
     """
 
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     dropout: float = 0.0
+    init_weights: str | None = None
+    freeze: list[str] = field(default_factory=list)
+    freeze_rounds: int = 0
 
     def __post_init__(self) -> None:
         _one_of("model.name", self.name, CLASSIFIERS + SEGMENTERS)
         if not self.channels or min(self.channels) < 1:
             raise ConfigError(f"model.channels={list(self.channels)} must be positive integers")
         _fraction("model.dropout", self.dropout)
+        if self.init_weights is not None and not str(self.init_weights).strip():
+            raise ConfigError("model.init_weights is empty; give a weights file or null")
+        if any(not str(p).strip() for p in self.freeze):
+            raise ConfigError(f"model.freeze={list(self.freeze)} has an empty pattern")
+        _positive("model.freeze_rounds", self.freeze_rounds, allow_zero=True)
+        if self.freeze and self.freeze_rounds < 1:
+            raise ConfigError(f"model.freeze={list(self.freeze)} needs model.freeze_rounds >= 1 "
+                              "(the first rounds in which those layers stay frozen)")
 
 
 @dataclass
@@ -145,6 +170,12 @@ class DataConfig:
         num_workers: DataLoader worker processes.
         central_test: evaluate the global model on the source's held-out test
             set on the server each round (if the source has one).
+        hospitals: the hospitals that take part, as 0-based indices into
+            the ``federation.num_hospitals`` partitions of the data; null =
+            all. The data is divided exactly as with all of them, so the
+            others' splits are unchanged and a hospital left out
+            (leave-one-hospital-out) has none of its images in any split
+            used (simulation: one SuperNode per listed hospital).
     """
 
     source: str = "synthetic"
@@ -163,9 +194,14 @@ class DataConfig:
     batch_size: int = 32
     num_workers: int = 0
     central_test: bool = True
+    hospitals: list[int] | None = None
 
     def __post_init__(self) -> None:
         _one_of("data.source", self.source, DATA_SOURCES)
+        if self.hospitals is not None and (not self.hospitals or min(self.hospitals) < 0
+                                           or len(set(self.hospitals)) < len(self.hospitals)):
+            raise ConfigError(f"data.hospitals={self.hospitals} must be distinct hospital "
+                              "indices >= 0 (at least one), or null for all")
         _one_of("data.split", self.split, SPLITS)
         _one_of("data.volume_mode", self.volume_mode, VOLUME_MODES)
         _one_of("data.slice_axis", self.slice_axis, (0, 1, 2))
@@ -196,6 +232,21 @@ class TrainConfig:
         momentum: SGD momentum.
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
         amp: mixed precision on CUDA (ignored on CPU).
+        lr_schedule: learning rate across server rounds (every hospital
+            computes the same value from the round number; constant within
+            a round): ``constant``, ``cosine`` (from ``lr`` down to
+            ``lr x min_lr_factor`` at the last round) or ``step`` (x
+            ``step_gamma`` every ``step_rounds`` rounds).
+        warmup_rounds: rounds of linear warm-up before the schedule
+            (round r <= warmup_rounds trains at ``lr x r / (warmup_rounds + 1)``).
+        min_lr_factor: cosine: the last round's lr as a fraction of ``lr``.
+        step_rounds: step: rounds between two decays.
+        step_gamma: step: the factor of each decay.
+        class_weights: the classification loss's class weights: ``none``,
+            ``balanced`` (N / (K x N_k) from the hospital's own training
+            labels, computed locally; refused under DP-SGD since the counts
+            are private) or ``fixed`` (``fixed_class_weights``).
+        fixed_class_weights: one weight per class for ``class_weights=fixed``.
     """
 
     optimizer: str = "adam"
@@ -204,12 +255,29 @@ class TrainConfig:
     momentum: float = 0.9
     device: str = "auto"
     amp: bool = False
+    lr_schedule: str = "constant"
+    warmup_rounds: int = 0
+    min_lr_factor: float = 0.1
+    step_rounds: int = 10
+    step_gamma: float = 0.5
+    class_weights: str = "none"
+    fixed_class_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _one_of("train.optimizer", self.optimizer, OPTIMIZERS)
         _one_of("train.device", self.device, DEVICES)
         _positive("train.lr", self.lr)
         _positive("train.weight_decay", self.weight_decay, allow_zero=True)
+        _one_of("train.lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _positive("train.warmup_rounds", self.warmup_rounds, allow_zero=True)
+        _fraction("train.min_lr_factor", self.min_lr_factor)
+        _positive("train.step_rounds", self.step_rounds)
+        _fraction("train.step_gamma", self.step_gamma, allow_zero=False)
+        _one_of("train.class_weights", self.class_weights, CLASS_WEIGHTS)
+        if self.class_weights == "fixed" and (not self.fixed_class_weights
+                                              or min(self.fixed_class_weights) <= 0):
+            raise ConfigError("train.fixed_class_weights must list one positive weight per "
+                              "class when train.class_weights=fixed")
 
 
 @dataclass
@@ -350,6 +418,10 @@ class FederationConfig:
             given max(parallel_hospitals x num_cpus, cores) CPUs); 0 leaves
             Flower's default of one hospital per ``num_cpus`` cores. With 3
             hospitals on 2 cores, 3 avoids a round of two waves.
+        round_timeout_s: seconds the server waits for the hospitals' replies
+            in each phase (train, evaluate) of a round; then the round goes
+            on with those that answered (a training round still needs
+            ``min_train`` of them). A straggler's late reply is discarded.
     """
 
     num_hospitals: int = 3
@@ -362,8 +434,10 @@ class FederationConfig:
     num_cpus: int = 1
     num_gpus: float = 0.0
     parallel_hospitals: int = 0
+    round_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
+        _positive("federation.round_timeout_s", self.round_timeout_s)
         _positive("federation.num_hospitals", self.num_hospitals)
         _positive("federation.rounds", self.rounds)
         _positive("federation.local_epochs", self.local_epochs)
@@ -378,6 +452,138 @@ class FederationConfig:
                     f"federation.{key}={value} is not valid; it must lie in "
                     f"[1, federation.num_hospitals={self.num_hospitals}]"
                 )
+
+
+@dataclass
+class PersonaliseConfig:
+    """Personalisation after federated training: local fine-tuning at each hospital.
+
+    Attributes:
+        epochs: epochs each hospital fine-tunes the final (validation-selected
+            when there is one) global model on its own training split; 0 = off.
+        lr: fine-tuning learning rate; null = ``train.lr``.
+        patience: epochs without a lower validation loss before the
+            fine-tuning stops early; the epoch with the lowest validation
+            loss is kept (the global model itself if none beats it).
+        freeze: parameter names (prefixes or glob patterns) kept at the
+            global values while fine-tuning, e.g. the feature extractor to
+            tune only the head; empty = tune everything.
+        timeout_s: seconds the server waits for the hospitals' replies.
+    """
+
+    epochs: int = 0
+    lr: float | None = None
+    patience: int = 2
+    freeze: list[str] = field(default_factory=list)
+    timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        _positive("personalise.epochs", self.epochs, allow_zero=True)
+        if self.lr is not None:
+            _positive("personalise.lr", self.lr)
+        _positive("personalise.patience", self.patience)
+        if any(not str(p).strip() for p in self.freeze):
+            raise ConfigError(f"personalise.freeze={list(self.freeze)} has an empty pattern")
+        _positive("personalise.timeout_s", self.timeout_s)
+
+
+SELECTION_METRICS = ("loss", "auc", "accuracy", "sensitivity", "specificity", "dice", "hd95")
+LOWER_IS_BETTER = ("loss", "hd95")
+
+
+@dataclass
+class SelectionConfig:
+    """Which global model is kept: the best on the hospitals' validation splits.
+
+    Attributes:
+        metric: validation metric, weighted over hospitals by their validation
+            examples; ``loss`` and ``hd95`` are minimised, the others maximised.
+        every: hospitals score the global model on their validation split every
+            ``every`` rounds (and in the last round).
+        patience: stop after this many validated rounds without improvement
+            (0 = never stop early).
+    """
+
+    metric: str = "loss"
+    every: int = 1
+    patience: int = 0
+
+    def __post_init__(self) -> None:
+        _one_of("selection.metric", self.metric, SELECTION_METRICS)
+        _positive("selection.every", self.every)
+        _positive("selection.patience", self.patience, allow_zero=True)
+
+    @property
+    def minimise(self) -> bool:
+        """Whether a lower value of :attr:`metric` is better."""
+        return self.metric in LOWER_IS_BETTER
+
+    def due(self, server_round: int, rounds: int) -> bool:
+        """Whether hospitals validate in ``server_round`` (1-based) of ``rounds``."""
+        return server_round % self.every == 0 or server_round >= rounds
+
+
+@dataclass
+class AugmentConfig:
+    """Random training-time augmentation (MONAI transforms), training splits only.
+
+    Validation and test images are never augmented. Each transform fires
+    with its own probability per sample; images and masks move together
+    (masks with nearest-neighbour interpolation). Image intensities are in
+    [0, 1] after loading, so shifts and noise are in those units.
+
+    Attributes:
+        enabled: augment training samples at all.
+        affine_prob: probability of a random affine per sample.
+        rotate_deg: largest rotation, degrees (about every axis in 3D).
+        scale: largest zoom in or out, as a fraction (0.1 = 0.9x to 1.1x).
+        translate: largest shift, as a fraction of the image size per axis.
+        intensity_prob: probability of an intensity scale, and (separately)
+            of an intensity shift.
+        intensity_scale: largest relative intensity scaling (x (1 +- s)).
+        intensity_shift: largest intensity offset.
+        gamma_prob: probability of a contrast (gamma) change.
+        gamma: gamma range [low, high].
+        noise_prob: probability of additive Gaussian noise.
+        noise_std: largest noise standard deviation.
+        blur_prob: probability of a Gaussian blur.
+        blur_sigma: blur sigma range [low, high] in pixels.
+        flip_axes: spatial axes (0-based) flipped with probability 0.5 each;
+            empty by default (a chest X-ray's heart is on the left).
+    """
+
+    enabled: bool = True
+    affine_prob: float = 0.5
+    rotate_deg: float = 10.0
+    scale: float = 0.1
+    translate: float = 0.05
+    intensity_prob: float = 0.5
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    gamma_prob: float = 0.3
+    gamma: list[float] = field(default_factory=lambda: [0.8, 1.25])
+    noise_prob: float = 0.2
+    noise_std: float = 0.02
+    blur_prob: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.25, 0.75])
+    flip_axes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for key in ("affine_prob", "intensity_prob", "gamma_prob", "noise_prob", "blur_prob",
+                    "scale", "translate", "intensity_scale"):
+            _fraction(f"augment.{key}", getattr(self, key))
+        if not 0.0 <= self.rotate_deg <= 180.0:
+            raise ConfigError(f"augment.rotate_deg={self.rotate_deg!r} must lie in [0, 180]")
+        _positive("augment.intensity_shift", self.intensity_shift, allow_zero=True)
+        _positive("augment.noise_std", self.noise_std, allow_zero=True)
+        for key in ("gamma", "blur_sigma"):
+            low_high = list(getattr(self, key))
+            if len(low_high) != 2 or not 0 < low_high[0] <= low_high[1]:
+                raise ConfigError(f"augment.{key}={low_high} must be [low, high] with "
+                                  "0 < low <= high")
+        if any(a not in (0, 1, 2) for a in self.flip_axes):
+            raise ConfigError(f"augment.flip_axes={list(self.flip_axes)} must be spatial "
+                              "axes 0, 1 or 2")
 
 
 @dataclass
@@ -398,6 +604,9 @@ class Settings:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
+    personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     name: str = "default"
     seed: int = 0
     run_dir: str = "runs/default"
@@ -419,6 +628,39 @@ class Settings:
                 f"of clipped updates), not {self.strategy.name!r}")
         if self.data.source == "medmnist" and self.task.kind != "classification":
             raise ConfigError("data.source=medmnist supports task.kind=classification only")
+        self._check_taking_part()
+        self._check_training()
+
+    def _check_training(self) -> None:
+        """Class weights fit the task and privacy mode; flips fit the image's axes."""
+        train = self.train
+        if train.class_weights != "none" and self.task.kind != "classification":
+            raise ConfigError("train.class_weights applies to task.kind=classification (the "
+                              "Dice term already balances segmentation); set it to none")
+        if train.class_weights == "balanced" and self.privacy.mode == "dp_sgd":
+            raise ConfigError("train.class_weights=balanced reads the hospital's label counts "
+                              "without noise, outside the DP-SGD guarantee; under "
+                              "privacy.mode=dp_sgd use none or fixed (train.fixed_class_weights)")
+        if train.class_weights == "fixed" and len(train.fixed_class_weights) != \
+                self.task.num_classes:
+            raise ConfigError(f"train.fixed_class_weights has {len(train.fixed_class_weights)} "
+                              f"weights; task.num_classes={self.task.num_classes}")
+        if any(a >= self.task.spatial_dims for a in self.augment.flip_axes):
+            raise ConfigError(f"augment.flip_axes={list(self.augment.flip_axes)} names an axis "
+                              f"outside task.spatial_dims={self.task.spatial_dims}")
+
+    def _check_taking_part(self) -> None:
+        """``data.hospitals`` within the partitions, and enough of them for a round."""
+        chosen, fed = self.data.hospitals, self.federation
+        if chosen is None:
+            return
+        if max(chosen) >= fed.num_hospitals:
+            raise ConfigError(f"data.hospitals={chosen} names hospital {max(chosen)}, outside "
+                              f"federation.num_hospitals={fed.num_hospitals}")
+        for key, value in (("min_train", fed.min_train), ("min_evaluate", fed.min_evaluate)):
+            if value > len(chosen):
+                raise ConfigError(f"federation.{key}={value} exceeds the {len(chosen)} "
+                                  f"hospital(s) taking part (data.hospitals={chosen})")
 
 
 SECTIONS: dict[str, type] = {
@@ -429,6 +671,9 @@ SECTIONS: dict[str, type] = {
     "strategy": StrategyConfig,
     "privacy": PrivacyConfig,
     "federation": FederationConfig,
+    "selection": SelectionConfig,
+    "personalise": PersonaliseConfig,
+    "augment": AugmentConfig,
 }
 
 

@@ -61,7 +61,24 @@ TRAIN_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, TRAIN_LOSS, TRAI
 EVALUATE_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, "loss", "accuracy", "auc",
                               "sensitivity", "specificity", "dice", "hd95"})
 """What an evaluation reply may carry (see :mod:`common.evaluation`)."""
-DEFAULT_ALLOWED_METRICS = DP_TRAIN_METRICS | TRAIN_METRICS | EVALUATE_METRICS
+VALIDATION_PREFIX = "val-"
+"""Prefix of the evaluation metrics a hospital computes on its validation split."""
+VAL_NUM_EXAMPLES = VALIDATION_PREFIX + NUM_EXAMPLES
+"""Validation samples a reply's ``val-*`` metrics are based on (their weighting key)."""
+VALIDATION_METRICS = frozenset(VALIDATION_PREFIX + key for key in EVALUATE_METRICS
+                               if key not in IDENTITY_KEYS)
+"""What an evaluation reply may carry about the validation split (model selection)."""
+PERSONALISE_EPOCHS = "personalise-epochs"
+"""Evaluation config key: fine-tune this many epochs locally, then score both models."""
+PERSONAL_PREFIX = "personal-"
+"""Prefix of the test metrics of a hospital's personalised (locally fine-tuned) model."""
+PERSONAL_EPOCHS = PERSONAL_PREFIX + "epochs"
+"""Fine-tuning epochs the kept personalised model had (0: the global model was kept)."""
+PERSONAL_METRICS = frozenset({PERSONAL_PREFIX + key for key in EVALUATE_METRICS
+                              if key not in IDENTITY_KEYS} | {PERSONAL_EPOCHS})
+"""What a personalisation reply carries besides the global model's evaluation metrics."""
+DEFAULT_ALLOWED_METRICS = (DP_TRAIN_METRICS | TRAIN_METRICS | EVALUATE_METRICS
+                           | VALIDATION_METRICS | PERSONAL_METRICS)
 """A hospital's ``allowed-metrics`` when it names none: what MedFed sends."""
 
 # Node-config keys a hospital sets for itself (deployment) or that Flower's
