@@ -21,6 +21,7 @@ from pathlib import Path
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, FederationConfig, Settings
 from common.logs import medfed_logger
+from common.participation import taking_part
 from common.processes import (
     ManagedProcess,
     free_port,
@@ -74,7 +75,7 @@ def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = P
             project_dir=project_dir,
             flwr_home=run_dir / "flwr-home",
             federation_config={
-                "num-supernodes": fed.num_hospitals,
+                "num-supernodes": len(taking_part(settings)),  # data.hospitals
                 "client-resources-num-cpus": fed.num_cpus,
                 "client-resources-num-gpus": fed.num_gpus,
                 "init-args-num-cpus": ray_cpus(fed),

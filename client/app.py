@@ -36,7 +36,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this hospital's images."""
     # Settings: the experiment (run config) and this hospital (node config)
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
-    hospital = hospital_from_node_config(context.node_config)
+    hospital = hospital_from_node_config(context.node_config, settings)
     config = msg.content.config_records[wire.CONFIG]
 
     # Train locally on the global weights (declined if the hospital's policy
@@ -66,10 +66,20 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received global model on this hospital's held-out images."""
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
-    hospital = hospital_from_node_config(context.node_config)
+    hospital = hospital_from_node_config(context.node_config, settings)
 
+    config = msg.content.config_records.get(wire.CONFIG)
+    server_round = int(wire.scalar(config[wire.SERVER_ROUND])) if config else 0
+
+    # Score the global model on the test split and, in the rounds model
+    # selection asks for and where the hospital's policy lets them leave,
+    # on the validation split
     weights = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
-    metrics = evaluate_round(settings, hospital, weights)
+    validate = (settings.selection.due(server_round, settings.federation.rounds)
+                and wire.VAL_NUM_EXAMPLES in hospital.allowed_metrics)
+    metrics = evaluate_round(settings, hospital, weights, validate=validate)
+    metrics = {k: v for k, v in metrics.items()
+               if not k.startswith(wire.VALIDATION_PREFIX) or k in hospital.allowed_metrics}
 
     return Message(content=RecordDict({wire.METRICS: wire.metric_record(metrics)}),
                    reply_to=msg)

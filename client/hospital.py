@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from common import wire
+from common.config import Settings
 
 NodeConfig = Mapping[str, bool | int | float | str]
 DEFAULT_DELTA = 1e-5
@@ -150,8 +151,28 @@ def allowed_metrics(node_config: NodeConfig) -> frozenset[str]:
     return frozenset(name.strip() for name in text.split(",") if name.strip())
 
 
-def hospital_from_node_config(node_config: NodeConfig) -> Hospital:
+def _taking_part(partition: int, count: int, settings: Settings) -> tuple[int, int]:
+    """A simulated node's hospital index and hospital count under ``data.hospitals``."""
+    chosen = settings.data.hospitals
+    if chosen is None:
+        return partition, count
+    if count != len(chosen):
+        raise ValueError(f"node config {wire.NUM_PARTITIONS}={count} but data.hospitals="
+                         f"{list(chosen)} names {len(chosen)} hospitals")
+    return int(chosen[partition]), settings.federation.num_hospitals
+
+
+def hospital_from_node_config(node_config: NodeConfig,
+                              settings: Settings | None = None) -> Hospital:
     """Read a hospital's identity and own settings from its node config.
+
+    Args:
+        node_config: the node's config (Flower's simulation engine, or the
+            hospital's own file).
+        settings: the experiment. When it sets ``data.hospitals``, a
+            simulated node's ``partition-id`` i means the i-th of them (its
+            index becomes that hospital's, its count
+            ``federation.num_hospitals``); a deployed node keeps its own.
 
     Raises:
         ValueError: ``partition-id`` or ``num-partitions`` missing or out of
@@ -169,6 +190,8 @@ def hospital_from_node_config(node_config: NodeConfig) -> Hospital:
     if not 0 <= index < count:
         raise ValueError(f"node config {wire.PARTITION_ID}={index} must lie in [0, {count})")
     ledger = _optional(node_config, wire.LEDGER_PATH)
+    if ledger is None and settings is not None:
+        index, count = _taking_part(index, count, settings)
     max_eps = _number(node_config, wire.MAX_EPSILON)
     if max_eps is not None and ledger is None:
         raise ValueError(f"node config sets {wire.MAX_EPSILON} but no {wire.LEDGER_PATH}: a "

@@ -42,6 +42,7 @@ from flwr.serverapp.strategy import (
 
 from common import wire
 from common.config import Settings
+from common.participation import taking_part
 from server.influence import float_reference, float_update, l2_norm, scaled_update
 
 CLIENT_CLIP_TOLERANCE = 1e-4
@@ -55,7 +56,7 @@ Release = dict[str, float]
 def sampled_per_round(settings: Settings) -> int:
     """Hospitals Flower samples per training round (the plan, ``m``)."""
     fed = settings.federation
-    return max(int(fed.num_hospitals * fed.fraction_train), fed.min_train)
+    return max(int(len(taking_part(settings)) * fed.fraction_train), fed.min_train)
 
 
 def noisy_mean(arrays: ArrayRecord, std: float) -> ArrayRecord:
@@ -84,11 +85,16 @@ class CalibratedRelease:
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Check, clip, average and noise the updates aggregated this round."""
+        """Check, clip, average and noise the updates aggregated this round.
+
+        The checked strategy inside judges the replies first (so a malformed
+        one never reaches the clipping), then aggregates exactly those kept
+        here, and the noise is calibrated to that count.
+        """
         inner = self.strategy
-        round_ = server_round + inner.round_offset
+        round_ = inner.true_round(server_round)
         sound = self._clipped(round_, inner.sound_train_replies(server_round, replies))
-        arrays, metrics = inner.aggregate_train(server_round, sound)
+        arrays, metrics = inner.aggregate_checked(server_round, sound)
         if arrays is None:
             return None, metrics
         count = inner.last_aggregated
@@ -132,15 +138,20 @@ class ClientSideClipping(CalibratedRelease, DifferentialPrivacyClientSideFixedCl
                 kept.append(reply)
             else:
                 inner.recorder.failure(
-                    round_, "train", inner.node_of(reply),
+                    round_, "train", inner.hospital_of(reply),
                     f"reply dropped: update norm {norm:.6g} over the client-side clipping "
-                    f"bound privacy.clipping_norm={self.clipping_norm} (not clipped)")
+                    f"bound privacy.clipping_norm={self.clipping_norm} (not clipped)",
+                    node=inner.node_of(reply))
         return kept
 
 
 def wrap_client_level(strategy: Any, settings: Settings,
                       releases: list[Release] | None = None) -> Any:
     """Wrap ``strategy`` (weighted by a unit weight) for client-level DP.
+
+    The DP wrapper is outermost, as Flower builds them (it must see the
+    final aggregate to noise it), and holds the checked strategy, whose
+    checks it runs before clipping anything (see :meth:`CalibratedRelease.aggregate_train`).
 
     Args:
         strategy: the checked strategy (:func:`server.strategy.build_strategy`).

@@ -39,6 +39,7 @@ from common.data.partition import (
     three_way_groups,
 )
 from common.data.volumes import load_samples
+from common.participation import taking_part
 
 
 @dataclass
@@ -188,8 +189,8 @@ def load_site(settings: Settings, hospital: int, *, data_path: str | None = None
 
 
 def load_pooled(settings: Settings) -> SiteData:
-    """All hospitals' train/val/test pooled, for the centralized baseline."""
-    sites = [load_site(settings, h) for h in range(settings.federation.num_hospitals)]
+    """The train/val/test of the hospitals taking part, pooled, for the centralized baseline."""
+    sites = [load_site(settings, h) for h in taking_part(settings)]
     return SiteData("pooled", ConcatDataset([s.train for s in sites]),
                     ConcatDataset([s.val for s in sites]), ConcatDataset([s.test for s in sites]))
 
