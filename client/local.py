@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ from client.dp_round import dp_train_round
 from client.hospital import Hospital
 from client.privacy_ledger import PrivacyLedger
 from common import wire
+from common.augment import augmented
 from common.config import Settings, settings_from_json, settings_to_json
 from common.data import SiteData, load_site
 from common.evaluation import evaluate
 from common.models import build_model
-from common.training import make_optimizer, resolve_device, train_epochs
+from common.schedule import round_lr
+from common.training import loss_class_weights, make_optimizer, resolve_device, train_epochs
+from common.transfer import freeze_for_round
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -139,13 +143,26 @@ def dataset_id(settings: Settings, hospital: Hospital) -> str:
             f"part={hospital.index}/{settings.federation.num_hospitals}")
 
 
+def _augmented(settings: Settings, train: Dataset, seed: int) -> Dataset:
+    """The training split with this round's augmentation (``augment``).
+
+    Seeded by the run, hospital and round, except under DP-SGD: there the
+    augmentation's coins come from the operating system, as Poisson
+    sampling's do, so they are part of the mechanism's secret randomness.
+    """
+    if settings.privacy.mode == "dp_sgd":
+        seed = secrets.randbits(63)
+    return augmented(train, settings.augment, settings.task, seed=seed)
+
+
 def _dp_train(settings: Settings, hospital: Hospital, model: torch.nn.Module,
               optimizer: torch.optim.Optimizer, loader: DataLoader, *, device: torch.device,
-              run_id: str) -> dict[str, float]:
+              run_id: str, class_weights: torch.Tensor | None = None) -> dict[str, float]:
     """One DP-SGD round on the hospital's ledger; the reply metrics (no loss, no timing)."""
     fed = settings.federation
     report = dp_train_round(
         model=model, optimizer=optimizer, loader=loader, task=settings.task, device=device,
+        class_weights=class_weights,
         privacy=settings.privacy, ledger=PrivacyLedger(ledger_path(settings, hospital)),
         dataset=dataset_id(settings, hospital), run_id=run_id,
         planned_epochs=fed.rounds * fed.local_epochs, round_epochs=fed.local_epochs,
@@ -185,17 +202,22 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
     hospital.check_round(settings.privacy.mode)
     device = _device(settings, hospital)
     model = load_global(settings, weights, device)
-    optimizer = make_optimizer(model, settings.train)
+    freeze_for_round(model, settings.model.freeze, settings.model.freeze_rounds, server_round)
+    lr = round_lr(settings.train, server_round, settings.federation.rounds)
+    optimizer = make_optimizer(model, settings.train, lr=lr)
     seed = settings.seed * 100_003 + hospital.index * 1_009 + server_round
-    loader = _loader(site_data(settings, hospital).train, settings, shuffle=True, seed=seed)
+    train = site_data(settings, hospital).train
+    weighting = loss_class_weights(settings.train, settings.task, train)
+    loader = _loader(_augmented(settings, train, seed), settings, shuffle=True, seed=seed)
     if settings.privacy.mode == "dp_sgd":
         metrics = _dp_train(settings, hospital, model, optimizer, loader, device=device,
-                            run_id=run_id)
+                            run_id=run_id, class_weights=weighting)
     else:
         started = time.perf_counter()
         result = train_epochs(model, loader, optimizer, task=settings.task,
                               epochs=settings.federation.local_epochs, device=device,
-                              amp=settings.train.amp, proximal_mu=proximal_mu)
+                              amp=settings.train.amp, proximal_mu=proximal_mu,
+                              class_weights=weighting)
         metrics = {
             wire.NUM_EXAMPLES: float(result.num_examples),
             wire.TRAIN_LOSS: result.loss,
@@ -208,11 +230,19 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
     return RoundResult(weights=weights_out, metrics=metrics)
 
 
-def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict) -> dict[str, float]:
+def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
+                   validate: bool = False) -> dict[str, float]:
     """Score the global model on this hospital's held-out test split.
 
     The test split never takes part in training; when a hospital has none,
     its validation split is used.
+
+    Args:
+        settings: the experiment.
+        hospital: this hospital's identity and own settings.
+        weights: global weights received from the server.
+        validate: also score the validation split (model selection), under
+            ``val-`` names (``val-loss``, ``val-num-examples``, ...).
 
     Returns:
         Metric name to value (see :mod:`common.evaluation`), with
@@ -224,6 +254,10 @@ def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict) -
     split = data.test if len(data.test) > 0 else data.val  # type: ignore[arg-type]
     metrics = evaluate(model, _loader(split, settings, shuffle=False, seed=0),
                        task=settings.task, device=device)
+    if validate and len(data.val) > 0:  # type: ignore[arg-type]
+        scores = evaluate(model, _loader(data.val, settings, shuffle=False, seed=0),
+                          task=settings.task, device=device)
+        metrics.update({wire.VALIDATION_PREFIX + k: v for k, v in scores.items()})
     metrics[wire.HOSPITAL] = float(hospital.index)
     metrics[wire.UNIT_WEIGHT] = 1.0
     # An undefined figure (AUC on one class, HD95 with empty masks) is left out
