@@ -1,9 +1,12 @@
 """The ServerApp at the coordinating site: Flower's strategy loop plus MedFed's run folder.
 
 Steps: read the validated settings from the run config, build (or restore)
-the global model, run the configured Flower strategy for the planned rounds,
-and after every round evaluate centrally, checkpoint atomically and print a
-progress line; at the end save the final model and ``summary.json``.
+the global model, run the configured Flower strategy for the planned rounds
+(each phase waiting at most ``federation.round_timeout_s``), and after every
+round write its report (:mod:`server.round_end`: metrics rows, central
+evaluation, model selection, checkpoint, progress line); at the end save the
+final model and ``summary.json`` (test metrics of the validation-selected
+model, ``best_model.pt``) and print which round was selected.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
@@ -26,12 +29,12 @@ from server.checkpoint import (
     atomic_save,
     load_checkpoint,
     restore_strategy_state,
-    save_checkpoint,
-    strategy_state,
 )
-from server.client_dp import RELEASES, Release, client_level_epsilon, wrap_client_level
+from server.client_dp import RELEASES, Release, wrap_client_level
 from server.prompt_grid import PromptGrid
 from server.report import RunRecorder
+from server.round_end import RoundEnd
+from server.selection import STATE_KEY, EarlyStop, Selection
 from server.strategy import build_strategy
 
 ERROR_FILE = "error.txt"
@@ -70,7 +73,12 @@ def earlier_releases(checkpoint: Checkpoint | None) -> list[Release]:
 
 
 def run(grid: Grid, settings: Settings) -> dict:
-    """Run the whole federated training; returns the summary written to the run folder."""
+    """Run the whole federated training; returns the summary written to the run folder.
+
+    Flower's ``Strategy.start`` runs the rounds; after each one it calls
+    :class:`~server.round_end.RoundEnd`, which writes the round's report
+    and checkpoint, and may stop the run early (model selection).
+    """
     started = time.perf_counter()
     run_dir = Path(settings.run_dir)
     rounds = settings.federation.rounds
@@ -87,50 +95,55 @@ def run(grid: Grid, settings: Settings) -> dict:
     if checkpoint is not None:
         done, weights = checkpoint.round, checkpoint.weights
         log.info("[MedFed] resuming after round %d of %d from %s", done, rounds, run_dir)
-    inner = build_strategy(settings, recorder, round_offset=done)
-    if checkpoint is not None:
-        restore_strategy_state(inner, checkpoint.strategy_state)
-    client_level = settings.privacy.mode == "client_level"
-    strategy = (wrap_client_level(inner, settings, earlier_releases(checkpoint))
-                if client_level else inner)
 
-    central = central_evaluator(settings)
+    # The checked Flower strategy (inside client-level DP's wrapper, if on),
+    # restored to where a resumed run stopped
+    checked = build_strategy(settings, recorder, round_offset=done)
+    saved = checkpoint.strategy_state if checkpoint is not None else {}
+    restore_strategy_state(checked.strategy, saved)
+    strategy = (wrap_client_level(checked, settings, earlier_releases(checkpoint))
+                if settings.privacy.mode == "client_level" else checked)
+    selection = Selection.restored(settings.selection, saved.get(STATE_KEY))
+    selection.save_best(run_dir)  # a resumed run's best_model.pt is its checkpoint's
+    round_end = RoundEnd(settings, checked, strategy, recorder, selection,
+                         central_evaluator(settings), weights=dict(weights), last_round=done)
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Called by Flower after each round: central eval, checkpoint, progress."""
-        if server_round == 0:
-            return None
-        true_round = server_round + done
-        state = arrays.to_torch_state_dict()
-        metrics = None
-        if central is not None:
-            scores = central(state)
-            recorder.record_central(true_round, scores)
-            metrics = wire.metric_record(scores)
-        saved = strategy_state(inner)
-        if client_level:
-            recorder.record_client_privacy(true_round,
-                                           client_level_epsilon(settings, strategy.releases))
-            saved[RELEASES] = list(strategy.releases)
-        save_checkpoint(run_dir, Checkpoint(true_round, state, saved))
-        recorder.end_round(true_round)
-        return metrics
+    stopped_early = selection.exhausted
+    if done < rounds and not stopped_early:
+        try:
+            strategy.start(
+                grid=PromptGrid(grid, name_of=checked.hospital_of_node),
+                initial_arrays=ArrayRecord(weights),
+                num_rounds=rounds - done,
+                timeout=settings.federation.round_timeout_s,
+                train_config=ConfigRecord({"local-epochs": settings.federation.local_epochs}),
+                evaluate_fn=round_end,
+            )
+        except EarlyStop as stop:
+            log.info("[MedFed] stopping early after round %d: %s", round_end.last_round, stop)
+            stopped_early = True
+    return finish(settings, recorder, round_end, stopped_early=stopped_early,
+                  wall_time_s=time.perf_counter() - started)
 
-    if done < rounds:
-        result = strategy.start(
-            grid=PromptGrid(grid),
-            initial_arrays=ArrayRecord(weights),
-            num_rounds=rounds - done,
-            train_config=ConfigRecord({"local-epochs": settings.federation.local_epochs}),
-            evaluate_fn=end_of_round,
-        )
-        weights = result.arrays.to_torch_state_dict()
 
-    # Final model and summary
-    atomic_save(weights, run_dir / FINAL_MODEL)
-    summary = recorder.write_summary(experiment=settings.name, rounds=rounds,
-                                     wall_time_s=time.perf_counter() - started)
-    log.info("[MedFed] finished %d rounds; run folder: %s", rounds, run_dir)
+def finish(settings: Settings, recorder: RunRecorder, round_end: RoundEnd, *,
+           stopped_early: bool, wall_time_s: float) -> dict:
+    """Save the final model, write ``summary.json`` and print which model was selected."""
+    run_dir = Path(settings.run_dir)
+    atomic_save(round_end.weights, run_dir / FINAL_MODEL)
+    selection = round_end.selection.summary(stopped_early=stopped_early)
+    summary = recorder.write_summary(experiment=settings.name, rounds=round_end.last_round,
+                                     wall_time_s=wall_time_s, selection=selection)
+    log.info("[MedFed] finished %d of %d rounds; run folder: %s", round_end.last_round,
+             settings.federation.rounds, run_dir)
+    if selection["round"] is not None:
+        gap = selection["val_loss_gap"]
+        log.info("[MedFed] selected round %d: %s %.4f (last validated round %d: %.4f); "
+                 "validation loss gap last - selected %s; best_model.pt", selection["round"],
+                 selection["metric"], selection["value"], selection["last_validated_round"],
+                 selection["last_value"], "n/a" if gap is None else f"{gap:+.4f}")
+    else:
+        log.info("[MedFed] no validation metrics: %s", selection["reason"])
     return summary
 
 

@@ -12,31 +12,50 @@ presets that idle time was most of the federated overhead.
 arrives (50 ms, then x1.5 per empty pull, at most ``max_interval_s``), and
 resets to the short pause whenever a reply comes in. Everything else is
 delegated unchanged, so transport, TLS and node authentication stay Flower's.
+
+While replies are outstanding it logs, every ``progress_every_s``, which
+hospitals have not answered yet and for how long, and when the phase's
+time limit (Flower's ``timeout``, ``federation.round_timeout_s``) closes it
+without them. Replies are pulled by the IDs of the messages this call
+pushed, so a straggler's late reply to an earlier phase is never returned
+with a later one (the SuperLink keeps it until its TTL; nothing reads it).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from common.logs import medfed_logger
+
 FIRST_INTERVAL_S = 0.05
 BACKOFF = 1.5
 MAX_INTERVAL_S = 0.1
+PROGRESS_EVERY_S = 15.0
+
+log = medfed_logger()
 
 
 class PromptGrid(Grid):
     """Delegates to ``inner``; ``send_and_receive`` polls with a short, growing pause."""
 
-    def __init__(self, inner: Grid, max_interval_s: float = MAX_INTERVAL_S) -> None:
+    def __init__(self, inner: Grid, max_interval_s: float = MAX_INTERVAL_S, *,
+                 name_of: Callable[[int], str] = lambda node: f"node {node}",
+                 progress_every_s: float = PROGRESS_EVERY_S) -> None:
+        """Wrap ``inner``; ``name_of`` names a node id's hospital in progress lines."""
         if max_interval_s <= 0:
             raise ValueError(f"max_interval_s must be > 0 seconds, got {max_interval_s}")
+        if progress_every_s <= 0:
+            raise ValueError(f"progress_every_s must be > 0 seconds, got {progress_every_s}")
         self._inner = inner
         self._max_interval_s = max_interval_s
+        self._name_of = name_of
+        self._progress_every_s = progress_every_s
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid operates in (delegated)."""
@@ -85,8 +104,10 @@ class PromptGrid(Grid):
         Same contract as Flower's: ``timeout=None`` waits for every reply
         (a node that dies is answered by the SuperLink with an error reply).
         """
+        messages = list(messages)
         pending = set(self._inner.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
+        waiting = _Waiting({m.metadata.message_id: m.metadata.dst_node_id for m in messages},
+                           self._name_of, self._progress_every_s, timeout)
         replies: list[Message] = []
         interval = FIRST_INTERVAL_S
         while pending:
@@ -97,10 +118,46 @@ class PromptGrid(Grid):
                 break
             interval = FIRST_INTERVAL_S if arrived else min(interval * BACKOFF,
                                                             self._max_interval_s)
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
+            remaining = waiting.remaining()
+            if remaining is not None:
                 if remaining <= 0:
+                    waiting.closed(pending)
                     break
                 interval = min(interval, remaining)
+            waiting.report(pending)
             time.sleep(interval)
         return replies
+
+
+class _Waiting:
+    """Who has not answered a phase yet: progress lines every ``every_s`` seconds."""
+
+    def __init__(self, node_of: dict[str, int], name_of: Callable[[int], str], every_s: float,
+                 timeout: float | None) -> None:
+        self._node_of, self._name_of, self._every_s = node_of, name_of, every_s
+        self._started = time.monotonic()
+        self._deadline = None if timeout is None else self._started + timeout
+        self._next = self._started + every_s
+
+    def remaining(self) -> float | None:
+        """Seconds left before the time limit (None: no limit)."""
+        return None if self._deadline is None else self._deadline - time.monotonic()
+
+    def _names(self, pending: set[str]) -> str:
+        return ", ".join(sorted(self._name_of(self._node_of.get(m, -1)) for m in pending))
+
+    def report(self, pending: set[str]) -> None:
+        """Log who is still awaited, at most once per ``every_s``."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._every_s
+        left = self.remaining()
+        log.info("[MedFed] waiting %.0f s for %s%s", now - self._started, self._names(pending),
+                 "" if left is None else f" (time limit in {max(left, 0):.0f} s)")
+
+    def closed(self, pending: set[str]) -> None:
+        """Log that the time limit closed the phase without ``pending``."""
+        log.warning("[MedFed] no reply after %.0f s (federation.round_timeout_s) from %s; "
+                    "going on without them", time.monotonic() - self._started,
+                    self._names(pending))

@@ -25,6 +25,7 @@ from typing import Any
 from common import wire
 from common.atomic import atomic_file
 from common.logs import medfed_logger
+from server.round_report import PhaseReport, RoundReport, SelectionStep
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -70,7 +71,6 @@ class RunRecorder:
     last_evaluate: dict[str, dict[str, Any]] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     central: dict[str, Any] = field(default_factory=dict)
-    round_line: dict[str, str] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -88,65 +88,86 @@ class RunRecorder:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
 
-    def record(self, round_: int, phase: str, replies: list[dict[str, Any]],
-               overall: dict[str, Any]) -> None:
-        """Log one phase of a round: a row per hospital and one ``overall``."""
-        rows = [{"round": round_, "phase": phase, "hospital": self.name(m), **_clean(m)}
-                for m in replies]
-        rows.append({"round": round_, "phase": phase, "hospital": "overall", **_clean(overall)})
+    def write_rows(self, report: RoundReport) -> None:
+        """Write a completed round's rows to ``metrics.jsonl``.
+
+        In order: per-hospital and ``overall`` train rows, the same for
+        evaluate, ``central``, ``privacy`` (client-level DP).
+        """
+        round_ = report.round
+        for phase in (report.train, report.evaluate):
+            if phase is not None:
+                self._write_phase(round_, phase)
+        if report.central is not None:
+            self._append([{"round": round_, "phase": "central", "hospital": "central",
+                           **_clean(report.central)}])
+            self.central = {"round": round_, **_clean(report.central)}
+        if report.client_privacy is not None:
+            self._append([{"round": round_, "phase": "privacy", "hospital": "client-level",
+                           **_clean(report.client_privacy)}])
+            self.privacy["client-level"] = report.client_privacy
+
+    def end_round(self, report: RoundReport) -> None:
+        """Write the ``round`` row (time since the ServerApp started) and the progress line."""
+        parts = []
+        if report.train is not None:
+            parts.append(self._train_line(report.train))
+        if report.evaluate is not None or report.train is not None:
+            parts.append(self._evaluate_line(report.evaluate, report.selection))
+        key = HEADLINE[self.task_kind]
+        if report.central is not None and key in report.central:
+            parts.append(f"central test {key} {report.central[key]:.4f}")
+        if report.client_privacy is not None:
+            parts.append(f"client-level epsilon {report.client_privacy['epsilon']:.2f}")
+        elapsed = time.monotonic() - self.started
+        self._append([{"round": report.round, "phase": "round", "hospital": "overall",
+                       "elapsed_s": round(elapsed, 3)}])
+        log.info("[MedFed] round %d/%d | %s", report.round, self.total_rounds, " | ".join(parts))
+
+    def _write_phase(self, round_: int, phase: PhaseReport) -> None:
+        """A row per hospital and one ``overall``; remembered as the latest."""
+        rows = [{"round": round_, "phase": phase.phase, "hospital": self.name(m), **_clean(m)}
+                for m in phase.replies]
+        rows.append({"round": round_, "phase": phase.phase, "hospital": "overall",
+                     **_clean(phase.overall)})
         self._append(rows)
-        latest = self.last_train if phase == "train" else self.last_evaluate
+        latest = self.last_train if phase.phase == "train" else self.last_evaluate
         for row in rows:
             latest[row["hospital"]] = row
-            if phase == "train" and wire.EPSILON in row and row["hospital"] != "overall":
+            if phase.phase == "train" and wire.EPSILON in row and row["hospital"] != "overall":
                 self.privacy[row["hospital"]] = {k: row[k] for k in PRIVACY_KEYS if k in row}
-        if phase == "train":
-            answered = len(replies)
-            # DP-SGD hospitals send no training loss (it is not noised)
-            loss = overall.get(wire.TRAIN_LOSS)
-            eps = [f"{n} {p[wire.EPSILON]:.2f}" for n, p in sorted(self.privacy.items())]
-            self.round_line["train"] = (
-                f"hospitals answered {answered}/{len(self.hospital_names)}"
+
+    def _train_line(self, train: PhaseReport) -> str:
+        # DP-SGD hospitals send no training loss (it is not noised)
+        loss = train.overall.get(wire.TRAIN_LOSS)
+        eps = [f"{n} {p[wire.EPSILON]:.2f}" for n, p in sorted(self.privacy.items())
+               if n != "client-level"]
+        return (f"hospitals answered {len(train.replies)}/{len(self.hospital_names)}"
                 + (f" | train loss {loss:.4f}" if loss is not None else "")
-                + (f" | epsilon {', '.join(eps)}" if eps else "")
-            )
-        elif phase == "evaluate":
-            key = HEADLINE[self.task_kind]
-            value = overall.get(key)
-            self.round_line["evaluate"] = (
-                f"federated {key} {value:.4f}" if value is not None else "federated eval: none"
-            )
+                + (f" | epsilon {', '.join(eps)}" if eps else ""))
 
-    def record_central(self, round_: int, metrics: dict[str, Any]) -> None:
-        """Log the server's evaluation on the central held-out test set."""
-        self._append([{"round": round_, "phase": "central", "hospital": "central",
-                       **_clean(metrics)}])
-        self.central = {"round": round_, **_clean(metrics)}
+    def _evaluate_line(self, evaluate: PhaseReport | None, step: SelectionStep | None) -> str:
         key = HEADLINE[self.task_kind]
-        if key in metrics:
-            self.round_line["central"] = f"central test {key} {metrics[key]:.4f}"
+        value = None if evaluate is None else evaluate.overall.get(key)
+        line = f"federated {key} {value:.4f}" if value is not None else "federated eval: none"
+        if step is not None:
+            best = ("best so far" if step.stale == 0
+                    else f"best {step.best_value:.4f} in round {step.best_round}")
+            line += f" | validation {step.metric} {step.value:.4f} ({best})"
+        return line
 
-    def record_client_privacy(self, round_: int, figures: dict[str, float]) -> None:
-        """Log the client-level DP guarantee after ``round_`` noisy rounds."""
-        self._append([{"round": round_, "phase": "privacy", "hospital": "client-level",
-                       **_clean(figures)}])
-        self.privacy["client-level"] = figures
-        self.round_line["central"] = (self.round_line.get("central", "") +
-                                      f" | client-level epsilon {figures['epsilon']:.2f}")
+    def failure(self, round_: int, phase: str, hospital: str, reason: str, *,
+                node: int | None = None) -> None:
+        """Log a hospital's failed, dropped or missing reply, at once.
 
-    def end_round(self, round_: int) -> None:
-        """Print the progress line of a completed round."""
-        parts = [self.round_line.pop(k) for k in ("train", "evaluate", "central")
-                 if k in self.round_line]
-        elapsed = time.monotonic() - self.started
-        self._append([{"round": round_, "phase": "round", "hospital": "overall",
-                       "elapsed_s": round(elapsed, 3)}])
-        log.info("[MedFed] round %d/%d | %s", round_, self.total_rounds, " | ".join(parts))
-
-    def failure(self, round_: int, phase: str, hospital: str, reason: str) -> None:
-        """Log a hospital's failed or dropped reply."""
+        ``node`` (the Flower node id, when known) is kept in the row beside
+        the hospital's name.
+        """
         log.warning("[MedFed] round %d %s: %s: %s", round_, phase, hospital, reason)
-        self._append([{"round": round_, "phase": phase, "hospital": hospital, "error": reason}])
+        row: dict[str, Any] = {"round": round_, "phase": phase, "hospital": hospital}
+        if node is not None:
+            row["node"] = node
+        self._append([{**row, "error": reason}])
 
     def bounded(self, round_: int, hospital: str, reason: str) -> None:
         """Log a training reply the server clipped or re-weighted before aggregating it."""
@@ -154,23 +175,60 @@ class RunRecorder:
         self._append([{"round": round_, "phase": "bounds", "hospital": hospital,
                        "bounded": reason}])
 
-    def write_summary(self, *, experiment: str, rounds: int, wall_time_s: float) -> dict[str, Any]:
-        """Write ``summary.json`` from the last round's metrics and return it."""
-        hospitals = {name: {k: v for k, v in row.items() if k not in ("round", "phase", "hospital")}
-                     for name, row in sorted(self.last_evaluate.items()) if name != "overall"}
+    def round_rows(self, round_: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        """The evaluation rows (by hospital, ``overall`` included) and central scores of a
+        round, read back from ``metrics.jsonl`` (a repeated round: its last rows)."""
+        evaluate: dict[str, dict[str, Any]] = {}
+        central: dict[str, Any] = {}
+        path = self.run_dir / METRICS_FILE
+        lines = path.read_text().splitlines() if path.exists() else []
+        for row in map(json.loads, lines):
+            if row.get("round") != round_ or "error" in row:
+                continue
+            if row.get("phase") == "evaluate":
+                evaluate[row["hospital"]] = row
+            elif row.get("phase") == "central":
+                central = {k: v for k, v in row.items() if k not in ("phase", "hospital")}
+        return evaluate, central
+
+    def write_summary(self, *, experiment: str, rounds: int, wall_time_s: float,
+                      selection: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``summary.json`` and return it.
+
+        ``hospitals``, ``overall`` and ``central`` are the test metrics of the
+        selected model (``selection["round"]``), else of the last round;
+        ``last_round`` keeps the last round's beside them.
+        """
+        last = _summary_rows(self.last_evaluate, self.central)
+        chosen = (selection or {}).get("round")
+        picked = _summary_rows(*self.round_rows(int(chosen))) if chosen else last
         summary = {
             "experiment": experiment,
             "task": self.task_kind,
             "rounds": rounds,
             "wall_time_s": round(wall_time_s, 2),
-            "hospitals": hospitals,
-            "overall": {k: v for k, v in self.last_evaluate.get("overall", {}).items()
-                        if k not in ("round", "phase", "hospital")},
-            "central": self.central,
+            **picked,
             "train": {name: {k: v for k, v in row.items()
                              if k not in ("round", "phase", "hospital")}
                       for name, row in self.last_train.items()},
             "privacy": dict(sorted(self.privacy.items())),
         }
+        if selection is not None:
+            summary["selection"] = selection
+            summary["last_round"] = {"round": max((r.get("round", 0) for r in
+                                                   self.last_evaluate.values()), default=None),
+                                     **last}
         atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
         return summary
+
+
+def _summary_rows(evaluate: dict[str, dict[str, Any]], central: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """``hospitals``, ``overall`` and ``central`` of a summary, from a round's rows."""
+    def plain(row: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in row.items() if k not in ("round", "phase", "hospital")}
+
+    return {"hospitals": {name: plain(row) for name, row in sorted(evaluate.items())
+                          if name != "overall"},
+            "overall": plain(evaluate.get("overall", {})),
+            "central": central}

@@ -1,10 +1,16 @@
-"""Flower strategies, by name, with MedFed's checks around their hooks.
+"""Flower strategies, by name, inside MedFed's checking wrapper.
 
-The round loop is Flower's own (``Strategy.start``). MedFed adds, through the
-``configure_*`` / ``aggregate_*`` hooks only:
+The round loop is Flower's own (``Strategy.start``). :class:`CheckedStrategy`
+holds the configured Flower strategy (FedAvg, FedAdam...) the way Flower's
+DP wrappers hold theirs, and adds, around its ``configure_*`` /
+``aggregate_*`` hooks:
 
+- the round offset of a resumed run (:meth:`CheckedStrategy.true_round`),
+  applied here alone: the wrapped strategy, the hospitals and the run
+  folder see true round numbers;
 - every reply is checked (:mod:`server.replies`) and a bad one is dropped
-  and logged, never averaged in;
+  and logged, never averaged in; so is a hospital that did not answer
+  within the round's time limit;
 - every sound training reply's influence is bounded (:mod:`server.influence`:
   update norm, update direction, weight), except under client-level DP,
   whose clipping bound is the norm bound and whose sensitivity analysis
@@ -13,8 +19,13 @@ The round loop is Flower's own (``Strategy.start``). MedFed adds, through the
   aggregated (Flower's ``int(beta * n)`` trims none of 3 at ``beta=0.2``);
 - a round in which fewer than the configured minimum of hospitals answered
   soundly fails the run with a clear message (Flower alone would go on);
-- per-hospital metrics go to the run folder;
-- a round offset, so a resumed run keeps counting rounds where it stopped.
+- each phase's sound replies and aggregate become one
+  :class:`~server.round_report.PhaseReport`, taken by the ServerApp's
+  end-of-round function (:meth:`CheckedStrategy.take_report`).
+
+Replies name hospitals: a node's hospital is learnt from its first sound
+reply (its ``hospital`` index); a node not yet identified is named by its
+Flower node id.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    Strategy,
 )
 
 from common import wire
@@ -44,6 +56,7 @@ from common.config import Settings, StrategyConfig
 from server.influence import bound_influence
 from server.replies import ArraySpec, array_spec, evaluate_reply_problem, train_reply_problem
 from server.report import RunRecorder
+from server.round_report import PhaseReport, RoundReport
 
 
 class RoundFailedError(RuntimeError):
@@ -53,24 +66,32 @@ class RoundFailedError(RuntimeError):
 def weighted_mean(replies: list[RecordDict], weighting_key: str) -> MetricRecord:
     """Average every metric over replies, weighted by ``weighting_key``.
 
-    A metric missing (undefined) at some hospitals is averaged over those
-    that have it; ``num-examples`` is summed; identity keys are left out.
+    Validation metrics (``val-*``) are weighted by ``val-num-examples``
+    instead when ``weighting_key`` is ``num-examples``. A metric missing
+    (undefined) at some hospitals is averaged over those that have it; the
+    weighting keys are summed; identity keys are left out.
     """
+    val_key = wire.VAL_NUM_EXAMPLES if weighting_key == wire.NUM_EXAMPLES else weighting_key
+    counted = {weighting_key, val_key}
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
-    count = 0.0
+    counts = dict.fromkeys(counted, 0.0)
     for content in replies:
         metrics = content.metric_records[wire.METRICS]
-        weight = wire.scalar(metrics[weighting_key])
-        count += weight
+        for key in counted:
+            counts[key] += wire.scalar(metrics.get(key, 0.0))
         for key, value in metrics.items():
-            if key in wire.IDENTITY_KEYS or key == weighting_key or isinstance(value, list):
+            if key in wire.IDENTITY_KEYS or key in counted or isinstance(value, list):
                 continue
+            weight_key = val_key if key.startswith(wire.VALIDATION_PREFIX) else weighting_key
+            weight = wire.scalar(metrics.get(weight_key, 0.0))
             if math.isfinite(wire.scalar(value)):
                 totals[key] = totals.get(key, 0.0) + weight * wire.scalar(value)
                 weights[key] = weights.get(key, 0.0) + weight
     out = {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
-    out[weighting_key] = count
+    out[weighting_key] = counts[weighting_key]
+    if counts[val_key] > 0:
+        out[val_key] = counts[val_key]
     return wire.metric_record(out)
 
 
@@ -82,20 +103,43 @@ def as_float32(arrays: ArrayRecord) -> ArrayRecord:
     return ArrayRecord({k: v.float() if v.dtype == torch.float64 else v for k, v in state.items()})
 
 
-class CheckedRounds:
-    """Mixin placed before a Flower strategy class; see the module docstring."""
+class CheckedStrategy(Strategy):
+    """A Flower strategy wrapped with MedFed's checks; see the module docstring.
 
-    recorder: RunRecorder
-    round_offset: int = 0
-    min_train: int = 1
-    min_evaluate: int = 1
-    bounds: StrategyConfig | None = None
-    """The influence bounds (None: no bounds, under client-level DP)."""
-    last_aggregated: int = 0
-    """Training replies averaged in by the last :meth:`aggregate_train`."""
-    _expected: ArraySpec
-    _global: ArrayRecord
-    _sent: list[Message]
+    Args:
+        strategy: the Flower strategy that configures rounds and aggregates.
+        recorder: the run folder (failures are written as they are found).
+        min_train: the fewest sound training replies a round may aggregate.
+        min_evaluate: the fewest evaluation replies before a warning.
+        bounds: the influence bounds (None: no bounds, under client-level DP).
+        round_offset: rounds completed before this run started (resume).
+    """
+
+    def __init__(self, strategy: Strategy, recorder: RunRecorder, *, min_train: int = 1,
+                 min_evaluate: int = 1, bounds: StrategyConfig | None = None,
+                 round_offset: int = 0) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.recorder = recorder
+        self.min_train = min_train
+        self.min_evaluate = min_evaluate
+        self.bounds = bounds
+        self.round_offset = round_offset
+        self.last_aggregated = 0
+        """Training replies averaged in by the last :meth:`aggregate_checked`."""
+        self._expected: ArraySpec = {}
+        self._global = ArrayRecord()
+        self._sent: list[Message] = []
+        self._hospital_of_node: dict[int, str] = {}
+        self._phases: dict[str, PhaseReport] = {}
+
+    def true_round(self, server_round: int) -> int:
+        """The round's number counted over a resumed run's earlier rounds (the one offset)."""
+        return server_round + self.round_offset
+
+    def summary(self) -> None:
+        """Log the wrapped strategy's configuration."""
+        self.strategy.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -107,41 +151,64 @@ class CheckedRounds:
         arrays = as_float32(arrays)
         self._expected = array_spec(arrays)
         self._global = arrays
-        self._sent = list(super().configure_train(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid))
+        self._phases = {}
+        self._sent = list(self.strategy.configure_train(
+            self.true_round(server_round), arrays, config, grid))
         return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """Send the evaluation with its true round number."""
-        self._sent = list(super().configure_evaluate(  # type: ignore[misc]
-            server_round + self.round_offset, arrays, config, grid))
+        self._sent = list(self.strategy.configure_evaluate(
+            self.true_round(server_round), arrays, config, grid))
         return self._sent
 
-    def node_of(self, msg: Message) -> str:
-        """``node <id>`` a reply answers for.
+    def node_of(self, msg: Message) -> int:
+        """The node a reply answers for: the destination of the message it replies to.
 
-        The destination of the message it replies to (the grid sets message
-        IDs on push): an error reply the SuperLink writes for a node that
-        died comes from the SuperLink itself.
+        (The grid sets message IDs on push; an error reply the SuperLink
+        writes for a node that died comes from the SuperLink itself.)
         """
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id
-                   for m in getattr(self, "_sent", [])}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         meta = msg.metadata
-        return f"node {sent_to.get(meta.reply_to_message_id, meta.src_node_id)}"
+        return sent_to.get(meta.reply_to_message_id, meta.src_node_id)
 
-    def _sound(self, round_: int, phase: str, replies: Iterable[Message]) -> list[Message]:
+    def hospital_of(self, msg: Message) -> str:
+        """The hospital a reply answers for, by its node's first sound reply."""
+        return self.hospital_of_node(self.node_of(msg))
+
+    def hospital_of_node(self, node: int) -> str:
+        """A node's hospital name, or ``node <id> (not yet identified)``."""
+        return self._hospital_of_node.get(node, f"node {node} (not yet identified)")
+
+    def _fail(self, round_: int, phase: str, msg: Message, reason: str) -> None:
+        node = self.node_of(msg)
+        self.recorder.failure(round_, phase, self.hospital_of_node(node), reason, node=node)
+
+    def _missing(self, round_: int, phase: str, replies: list[Message]) -> None:
+        """Log every hospital sent a message that did not answer in time."""
+        answered = {m.metadata.reply_to_message_id for m in replies}
+        for sent in self._sent:
+            if sent.metadata.message_id and sent.metadata.message_id not in answered:
+                node = sent.metadata.dst_node_id
+                self.recorder.failure(round_, phase, self.hospital_of_node(node),
+                                      "no reply within the round's time limit "
+                                      "(federation.round_timeout_s)", node=node)
+
+    def _sound(self, round_: int, phase: str, replies: list[Message]) -> list[Message]:
+        self._missing(round_, phase, replies)
         sound = []
         for msg in replies:
-            node = self.node_of(msg)
             if msg.has_error():
-                self.recorder.failure(round_, phase, node, str(msg.error.reason))
+                self._fail(round_, phase, msg, str(msg.error.reason))
                 continue
             problem = (train_reply_problem(msg, self._expected) if phase == "train"
                        else evaluate_reply_problem(msg))
             if problem:
-                self.recorder.failure(round_, phase, node, f"reply dropped: {problem}")
+                self._fail(round_, phase, msg, f"reply dropped: {problem}")
                 continue
+            metrics = dict(msg.content[wire.METRICS])
+            self._hospital_of_node[self.node_of(msg)] = self.recorder.name(metrics)
             sound.append(msg)
         return sound
 
@@ -149,54 +216,68 @@ class CheckedRounds:
                             ) -> list[Message]:
         """The training replies that may be aggregated, each one checked and bounded.
 
-        Dropped, clipped and capped replies are logged with their node.
+        Dropped, clipped and capped replies are logged with their hospital.
         """
-        round_ = server_round + self.round_offset
+        round_ = self.true_round(server_round)
         sound = self._sound(round_, "train", list(replies))
         if self.bounds is None or not sound:
             return sound
 
         def report(index: int, reason: str, dropped: bool) -> None:
-            node = self.node_of(sound[index])
             if dropped:
-                self.recorder.failure(round_, "train", node, f"reply dropped: {reason}")
+                self._fail(round_, "train", sound[index], f"reply dropped: {reason}")
             else:
-                self.recorder.bounded(round_, node, reason)
+                self.recorder.bounded(round_, self.hospital_of(sound[index]), reason)
 
-        weighting = str(getattr(self, "weighted_by_key", wire.NUM_EXAMPLES))
+        weighting = str(getattr(self.strategy, "weighted_by_key", wire.NUM_EXAMPLES))
         bounded = bound_influence(sound, self._global, self.bounds, weighting, report)
         return [sound[i] for i in bounded.kept]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the sound training replies; fail if too few."""
-        round_ = server_round + self.round_offset
-        sound = self.sound_train_replies(server_round, replies)
+        """Check and bound the training replies, then aggregate the sound ones."""
+        return self.aggregate_checked(server_round,
+                                      self.sound_train_replies(server_round, replies))
+
+    def aggregate_checked(self, server_round: int, sound: list[Message]
+                          ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate training replies already checked; fail if too few.
+
+        Raises:
+            RoundFailedError: fewer than ``federation.min_train`` replies.
+        """
+        round_ = self.true_round(server_round)
         self.last_aggregated = len(sound)
         if len(sound) < self.min_train:
             raise RoundFailedError(
                 f"round {round_}: only {len(sound)} hospital(s) trained successfully, fewer "
                 f"than federation.min_train={self.min_train}; see the warnings above"
             )
-        arrays, metrics = super().aggregate_train(server_round, sound)  # type: ignore[misc]
-        self.recorder.record(round_, "train", [dict(m.content[wire.METRICS]) for m in sound],
-                             dict(metrics or {}))
+        arrays, metrics = self.strategy.aggregate_train(round_, sound)
+        self._phases["train"] = PhaseReport(
+            "train", tuple(dict(m.content[wire.METRICS]) for m in sound), dict(metrics or {}))
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        """Aggregate the sound evaluation replies and record them per hospital."""
-        round_ = server_round + self.round_offset
+        """Aggregate the sound evaluation replies."""
+        round_ = self.true_round(server_round)
         sound = self._sound(round_, "evaluate", list(replies))
         if len(sound) < self.min_evaluate:
             self.recorder.failure(round_, "evaluate", "overall",
                                   f"only {len(sound)} hospital(s) evaluated")
         if not sound:
             return None
-        metrics = super().aggregate_evaluate(server_round, sound)  # type: ignore[misc]
-        self.recorder.record(round_, "evaluate", [dict(m.content[wire.METRICS]) for m in sound],
-                             dict(metrics or {}))
+        metrics = self.strategy.aggregate_evaluate(round_, sound)
+        self._phases["evaluate"] = PhaseReport(
+            "evaluate", tuple(dict(m.content[wire.METRICS]) for m in sound), dict(metrics or {}))
         return metrics
+
+    def take_report(self, server_round: int) -> RoundReport:
+        """The round's train and evaluate phases, as one report (and forget them)."""
+        phases, self._phases = self._phases, {}
+        return RoundReport(self.true_round(server_round), train=phases.get("train"),
+                           evaluate=phases.get("evaluate"))
 
 
 def trim_fraction(beta: float, replies: int) -> float:
@@ -252,16 +333,16 @@ def _specific_kwargs(settings: Settings) -> dict[str, Any]:
     return {}
 
 
-def build_strategy(settings: Settings, recorder: RunRecorder, *, round_offset: int = 0) -> Any:
-    """The configured Flower strategy, wrapped with :class:`CheckedRounds`."""
-    base = STRATEGIES[settings.strategy.name]
-    cls = type(f"Checked{base.__name__}", (CheckedRounds, base), {})
+def build_strategy(settings: Settings, recorder: RunRecorder, *,
+                   round_offset: int = 0) -> CheckedStrategy:
+    """The configured Flower strategy, inside :class:`CheckedStrategy`."""
     fed = settings.federation
-    strategy = cls(
+    min_evaluate = fed.min_evaluate if fed.fraction_evaluate > 0 else 0
+    inner = STRATEGIES[settings.strategy.name](
         fraction_train=fed.fraction_train,
         fraction_evaluate=fed.fraction_evaluate,
         min_train_nodes=fed.min_train,
-        min_evaluate_nodes=fed.min_evaluate if fed.fraction_evaluate > 0 else 0,
+        min_evaluate_nodes=min_evaluate,
         min_available_nodes=fed.min_train,
         # client-level DP calibrates its noise to a plain mean of clipped updates
         weighted_by_key=(wire.UNIT_WEIGHT if settings.privacy.mode == "client_level"
@@ -270,9 +351,7 @@ def build_strategy(settings: Settings, recorder: RunRecorder, *, round_offset: i
         evaluate_metrics_aggr_fn=weighted_mean,
         **_specific_kwargs(settings),
     )
-    strategy.recorder = recorder
-    strategy.round_offset = round_offset
-    strategy.min_train = fed.min_train
-    strategy.min_evaluate = fed.min_evaluate if fed.fraction_evaluate > 0 else 0
-    strategy.bounds = None if settings.privacy.mode == "client_level" else settings.strategy
-    return strategy
+    return CheckedStrategy(
+        inner, recorder, min_train=fed.min_train, min_evaluate=min_evaluate,
+        bounds=None if settings.privacy.mode == "client_level" else settings.strategy,
+        round_offset=round_offset)

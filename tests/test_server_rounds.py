@@ -120,13 +120,15 @@ def test_checkpoint_write_interrupted_keeps_previous(tmp_path: Path,
 
 def test_fedadam_state_survives_a_checkpoint(tmp_path: Path) -> None:
     strategy = _strategy(tmp_path, "strategy=fedadam")
-    strategy.current_arrays = {k: v.numpy() + 1 for k, v in GLOBAL.items()}
-    strategy.m_t = {k: v.numpy() for k, v in _filled(0.5).items()}
-    strategy.v_t = {k: v.numpy() for k, v in _filled(0.25).items()}
-    save_checkpoint(tmp_path, Checkpoint(3, {"w": torch.ones(1)}, strategy_state(strategy)))
+    strategy.strategy.current_arrays = {k: v.numpy() + 1 for k, v in GLOBAL.items()}
+    strategy.strategy.m_t = {k: v.numpy() for k, v in _filled(0.5).items()}
+    strategy.strategy.v_t = {k: v.numpy() for k, v in _filled(0.25).items()}
+    saved = strategy_state(strategy.strategy)
+    save_checkpoint(tmp_path, Checkpoint(3, {"w": torch.ones(1)}, saved))
     fresh = _strategy(tmp_path, "strategy=fedadam")
     restored = load_checkpoint(tmp_path)
     assert restored is not None and restored.round == 3
-    restore_strategy_state(fresh, restored.strategy_state)
-    assert np.allclose(fresh.m_t["w"], 0.5) and np.allclose(fresh.v_t["b"], 0.25)
-    assert np.allclose(fresh.current_arrays["w"], 1.0)
+    restore_strategy_state(fresh.strategy, restored.strategy_state)
+    inner = fresh.strategy
+    assert np.allclose(inner.m_t["w"], 0.5) and np.allclose(inner.v_t["b"], 0.25)
+    assert np.allclose(fresh.strategy.current_arrays["w"], 1.0)
