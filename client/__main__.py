@@ -38,6 +38,7 @@ from client.node import (
     Kit,
     Link,
     NodeSetupError,
+    StaleSessionWait,
     read_kit,
     refusal,
     supernode_argv,
@@ -46,6 +47,7 @@ from client.node import (
 from client.runner import runner_argv, write_secret
 from common.logs import medfed_logger
 from common.processes import ManagedProcess, free_port, running, stop_children_on_signals
+from common.watchdog import start_watchdog
 
 log = medfed_logger()
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -222,34 +224,71 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     stop_children_on_signals()
+    start_watchdog()  # the node, the runner and its tasks die with this process, even on SIGKILL
     config = write_node_config(settings.node_config(), home / NODE_CONFIG_FILE)
     port, secret = args.port or free_port(), write_secret(home)
-    node = ManagedProcess(f"hospital {settings.name}",
-                          supernode_argv(link, config, port=port, secret_file=secret),
-                          home / "node.log", env={"FLWR_HOME": str(home / "flwr-home")})
-    runner = ManagedProcess(f"runner {settings.name}",  # answers with approved code only
-                            runner_argv(f"127.0.0.1:{port}", home, secret), node.log_path,
-                            env={"FLWR_HOME": str(home / "flwr-home")})
     log.info("[MedFed] %s: node for %s starting (%s); log: %s", settings.name, link.superlink,
-             "INSECURE" if link.ca is None else "TLS, registered key", node.log_path)
+             "INSECURE" if link.ca is None else "TLS, registered key", home / "node.log")
     log.info("[MedFed] %s: %s", settings.name, settings.policy())
-    offset = node.log_path.stat().st_size if node.log_path.exists() else 0
     try:
-        with running(node, runner):
-            output = follow(node, settings.name, args.verbose, offset, runner)
-            runner_stopped = node.poll() is None  # the runner ended first
+        output, code, runner_stopped = run_node(settings, link, config, home, port, secret,
+                                                args.verbose)
     except KeyboardInterrupt:
         log.info("[MedFed] %s: stopped; the node and its ClientApps were shut down",
                  settings.name)
         return 130
-    code = (runner.poll() if runner_stopped else node.poll()) or 1
     reason = refusal(output, settings.name) or "see the log"
     if runner_stopped:
         reason = f"the hospital's runner stopped ({reason})"
-    print(f"error: the node stopped (exit code {code}): {reason}; log: {node.log_path}",
+    print(f"error: the node stopped (exit code {code}): {reason}; log: {home / 'node.log'}",
           file=sys.stderr)
     return code
 
+
+def attempt(settings: HospitalSettings, link: Link, config: Path, home: Path, port: int,
+            secret: Path, verbose: bool) -> tuple[str, int, bool]:
+    """Run the SuperNode and the runner once, until one stops.
+
+    Returns:
+        The tail of the node's log, the exit code, and whether the runner
+        stopped first.
+    """
+    env = {"FLWR_HOME": str(home / "flwr-home")}
+    node = ManagedProcess(f"hospital {settings.name}",
+                          supernode_argv(link, config, port=port, secret_file=secret),
+                          home / "node.log", env=env)
+    runner = ManagedProcess(f"runner {settings.name}",  # answers with approved code only
+                            runner_argv(f"127.0.0.1:{port}", home, secret), node.log_path,
+                            env=env)
+    offset = node.log_path.stat().st_size if node.log_path.exists() else 0
+    with running(node, runner):
+        output = follow(node, settings.name, verbose, offset, runner)
+        runner_stopped = node.poll() is None  # the runner ended first
+    code = (runner.poll() if runner_stopped else node.poll()) or 1
+    return output, code, runner_stopped
+
+
+def run_node(settings: HospitalSettings, link: Link, config: Path, home: Path, port: int,
+             secret: Path, verbose: bool) -> tuple[str, int, bool]:
+    """Run the node until it stops for good; as :func:`attempt`.
+
+    A node refused right after a restart while the coordinating site may
+    still hold its previous session is started again (:class:`StaleSessionWait`).
+    """
+    wait, first_refusal = StaleSessionWait(), None
+    while True:
+        log_path = home / "node.log"
+        earlier = log_path.read_text(errors="replace") if log_path.exists() else ""
+        output, code, runner_stopped = attempt(settings, link, config, home, port, secret,
+                                               verbose)
+        if runner_stopped or not wait.applies(output, earlier):
+            return output, code, runner_stopped
+        first_refusal = first_refusal or time.monotonic()
+        waited = time.monotonic() - first_refusal
+        if waited >= wait.limit_s:
+            return output, code, runner_stopped
+        log.info("[MedFed] %s", wait.message(settings.name, waited))
+        time.sleep(wait.retry_s)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

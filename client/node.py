@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from client.hospital import DEFAULT_DELTA, SplitPolicy
 from common import wire
@@ -256,10 +257,59 @@ def supernode_argv(link: Link, node_config: Path, *, port: int | None = None,
             "--auth-supernode-private-key", str(link.key.resolve())]
 
 
+ACTIVATION_REFUSED = re.compile(r"\[code: 2004\]|Failed to activate SuperNode")
+"""Flower's answer to a key it does not know, and to a key whose node it counts as online."""
+SESSION_STARTED = "SuperNode ID:"
+"""What a SuperNode logs once the SuperLink accepted it."""
+STALE_SESSION_S = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+"""How long a SuperLink counts a dead node as online after its last heartbeat (s).
+
+Flower's SuperLink sets ``online_until = last heartbeat + HEARTBEAT_PATIENCE x
+interval`` (``sql_linkstate.acknowledge_node_heartbeat``), and the SuperNode
+asks for the default interval, 30 s; until then it refuses to activate the
+node again with ``[code: 2004]``, as it refuses an unknown key.
+"""
+STALE_RETRY_S = 3.0
+"""Seconds between two starts of the SuperNode while its old session is held."""
+STALE_MARGIN_S = 15.0
+
+
+@dataclass(frozen=True)
+class StaleSessionWait:
+    """Restart the SuperNode while the SuperLink may still hold this hospital's old session.
+
+    Flower answers a restarted node whose previous session it still counts
+    as online exactly as it answers an unregistered key. A node that was
+    accepted before (its log in ``home`` shows a session) and is refused
+    right away is therefore started again every ``retry_s`` seconds, for up
+    to ``limit_s`` seconds (the longest the old session can stay online,
+    plus a margin); only then is the key reported as not registered.
+
+    Attributes:
+        retry_s: seconds between two attempts.
+        limit_s: seconds after the first refusal before giving up.
+    """
+
+    retry_s: float = STALE_RETRY_S
+    limit_s: float = STALE_SESSION_S + STALE_MARGIN_S
+
+    def applies(self, log_text: str, earlier_log: str) -> bool:
+        """Whether this refusal may be a held old session (refused, but accepted before)."""
+        return bool(ACTIVATION_REFUSED.search(log_text)) and SESSION_STARTED in earlier_log
+
+    def message(self, name: str, waited_s: float) -> str:
+        """What the hospital is told while it waits."""
+        return (f"{name}: the coordinating site still holds this hospital's previous session "
+                f"(a node that stopped without saying goodbye counts as online for up to "
+                f"{STALE_SESSION_S:.0f} s); retrying every {self.retry_s:.0f} s for up to "
+                f"{self.limit_s:.0f} s ({waited_s:.0f} s so far)")
+
+
 REFUSALS = (
-    (re.compile(r"\[code: 2004\]|Failed to activate SuperNode"),
+    (ACTIVATION_REFUSED,
      "the coordinating site refused this hospital's key: it is not registered (or was "
-     "removed). Ask them to run `python -m server.registry add --certs DIR {name}`"),
+     "removed), or another node with this key is connected right now. Ask them to run "
+     "`python -m server.registry add --certs DIR {name}`"),
     (re.compile(r"\[code: 2001\]"),
      "the coordinating site requires a registered key: start with --kit DIR (or --key)"),
     (re.compile(r"SSL/TLS handshake error|CERTIFICATE_VERIFY_FAILED|certificate verify"),

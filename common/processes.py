@@ -77,6 +77,8 @@ class ManagedProcess:
         name: a label for messages (``superlink``, ``hospital-1``).
         argv: the command line.
         log_path: file receiving the process' stdout and stderr.
+        pass_fds: descriptors the process inherits (a folder lock it keeps
+            held while it runs, see :mod:`common.folder_lock`).
     """
 
     name: str
@@ -84,6 +86,7 @@ class ManagedProcess:
     log_path: Path
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
+    pass_fds: tuple[int, ...] = ()
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     _log: IO[bytes] | None = field(default=None, repr=False)
 
@@ -94,7 +97,7 @@ class ManagedProcess:
         env = {**tool_env(), **(self.env or {})}
         self._popen = subprocess.Popen(
             list(self.argv), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-            cwd=self.cwd, start_new_session=True,
+            cwd=self.cwd, start_new_session=True, pass_fds=self.pass_fds,
         )
         return self
 

@@ -17,7 +17,11 @@ the hospitals); that port serves only Flower's Fleet API (the Fleet gate,
 listen on a loopback port that ``server.registry`` finds by itself.
 ``--resume`` continues the run folder's last completed round. The run shows
 the same progress and writes the same run folder as ``simulate.py``; the
-SuperLink and the gate are stopped on exit, errors, Ctrl-C and SIGTERM.
+SuperLink and the gate are stopped on exit, errors, Ctrl-C and SIGTERM,
+and by a watchdog (:mod:`common.watchdog`) when this process is killed
+(SIGKILL included). The run folder and the site's SuperLink database are
+locked while the server or any SuperLink it started runs: a second server
+(``--resume`` included) on them is refused, naming the PID that holds them.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.logs import medfed_logger
 from common.processes import stop_children_on_signals
+from common.watchdog import start_watchdog
 from server.registry import (
     RegistrationError,
     load_records,
@@ -38,7 +43,7 @@ from server.registry import (
 )
 from server.runner import Connection, RunFailedError, submit_and_follow
 from server.summary_table import print_summary
-from server.superlink import CertificateError, Certificates, serving
+from server.superlink import CertificateError, Certificates, serving, site_locked
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 log = medfed_logger()
@@ -108,19 +113,28 @@ def serve(settings: Settings, certs: Certificates | None, args: argparse.Namespa
     """Register hospitals, start the SuperLink, run the experiment; returns its summary."""
     run_dir = Path(settings.run_dir)
     flwr_home = run_dir / "flwr-home"
-    if certs is not None:
-        for line in preregister(certs, run_dir):
-            log.info("[MedFed] hospital %s", line)
     database = run_dir / "superlink.db" if certs is None else certs.database
-    with serving(host=args.host, port=args.port, certs=certs, database=database,
-                 log_dir=run_dir, flwr_home=flwr_home) as conn:
-        log.info("[MedFed] hospitals connect to %s:%d (%s; Flower's Fleet API only); the "
-                 "SuperLink's Control and Runtime APIs listen on %s, this machine only",
-                 args.host, args.port,
-                 "TLS, registered hospitals only" if certs else "INSECURE", conn.address)
-        wait_for_round_1(settings, certs, conn, flwr_home, args)
-        return submit_and_follow(settings, conn, project_dir=args.app.resolve(),
-                                 flwr_home=flwr_home, verbose=args.verbose)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with site_locked(run_dir, certs) as held:  # refused while another server holds them
+        (run_dir / "config.yaml").write_text(settings_yaml(settings))
+        if certs is not None:
+            for line in preregister(certs, run_dir):
+                log.info("[MedFed] hospital %s", line)
+        with serving(host=args.host, port=args.port, certs=certs, database=database,
+                     log_dir=run_dir, flwr_home=flwr_home, hold_fds=held) as conn:
+            return _run(settings, certs, conn, flwr_home, args)
+
+
+def _run(settings: Settings, certs: Certificates | None, conn: Connection, flwr_home: Path,
+         args: argparse.Namespace) -> dict:
+    """With the SuperLink up: wait for the hospitals, submit the run, follow it."""
+    log.info("[MedFed] hospitals connect to %s:%d (%s; Flower's Fleet API only); the "
+             "SuperLink's Control and Runtime APIs listen on %s, this machine only",
+             args.host, args.port,
+             "TLS, registered hospitals only" if certs else "INSECURE", conn.address)
+    wait_for_round_1(settings, certs, conn, flwr_home, args)
+    return submit_and_follow(settings, conn, project_dir=args.app.resolve(),
+                             flwr_home=flwr_home, verbose=args.verbose)
 
 
 def main(argv: list[str]) -> int:
@@ -134,9 +148,8 @@ def main(argv: list[str]) -> int:
         return 2
     settings.resume = settings.resume or args.resume
     stop_children_on_signals()
+    start_watchdog()  # every process started below dies with this one, even on SIGKILL
     run_dir = Path(settings.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(settings_yaml(settings))
     try:
         summary = serve(settings, certs, args)
     except (RunFailedError, RegistrationError, RuntimeError, TimeoutError) as err:

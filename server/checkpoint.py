@@ -1,13 +1,20 @@
-"""Checkpoints of the global model and strategy state, written atomically.
+"""Checkpoints of the global model and strategy state, written atomically, two kept.
 
-``checkpoint.pt`` in the run folder always holds the last completed round:
-it is written to a temporary file in the same folder, flushed to disk and
-moved into place with :func:`os.replace`, so a crash mid-write leaves the
-previous checkpoint intact.
+``checkpoint.pt`` in the run folder holds the last completed round and
+``checkpoint-prev.pt`` the round before. A round's checkpoint is first
+written completely (``checkpoint-next.pt``, flushed to disk), then the
+latest is renamed to ``checkpoint-prev.pt`` and the new one to
+``checkpoint.pt`` (:func:`os.replace`): at every instant the folder holds a
+complete checkpoint of the last or the one-before-last round. On resume a
+damaged latest checkpoint (a truncated file, say) falls back to the one
+before it, with a warning that says so, and the rows of rounds after the one
+restored are dropped from ``metrics.jsonl`` (they are run again).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +24,14 @@ import torch
 from flwr.app import ArrayRecord
 
 from common.atomic import atomic_file
+from common.logs import medfed_logger
+from server.report import METRICS_FILE
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint-prev.pt"
+"""The checkpoint of the round before :data:`CHECKPOINT`'s."""
+NEXT = "checkpoint-next.pt"
+"""A new checkpoint, complete on disk, before it is moved to :data:`CHECKPOINT`."""
 FINAL_MODEL = "final_model.pt"
 
 # Attributes of Flower's strategies that carry state between rounds
@@ -40,6 +53,9 @@ class Checkpoint:
     round: int
     weights: dict[str, torch.Tensor]
     strategy_state: dict[str, Any]
+
+
+log = medfed_logger()
 
 
 def atomic_save(obj: object, path: Path) -> None:
@@ -90,23 +106,87 @@ def restore_strategy_state(strategy: object, state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> None:
-    """Write ``run_dir/checkpoint.pt`` atomically."""
+    """Write ``run_dir/checkpoint.pt``; the one it replaces becomes ``checkpoint-prev.pt``."""
+    latest = run_dir / CHECKPOINT
     atomic_save({"round": checkpoint.round, "weights": checkpoint.weights,
-                 "strategy_state": checkpoint.strategy_state}, run_dir / CHECKPOINT)
+                 "strategy_state": checkpoint.strategy_state}, run_dir / NEXT)
+    if latest.exists():
+        os.replace(latest, run_dir / PREVIOUS)
+    os.replace(run_dir / NEXT, latest)
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The last completed round's checkpoint in ``run_dir``, or None if there is none.
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in ``path``.
 
     Raises:
-        ValueError: the file exists but cannot be read (names it).
+        ValueError: it cannot be read (names the file and why).
     """
-    path = run_dir / CHECKPOINT
-    if not path.exists():
-        return None
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         return Checkpoint(round=int(raw["round"]), weights=raw["weights"],
                           strategy_state=raw["strategy_state"])
     except Exception as err:  # noqa: BLE001 - any read failure is reported the same way
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise ValueError(f"cannot read checkpoint {path}: {err or type(err).__name__}") from err
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The newest readable checkpoint in ``run_dir``, or None if there is none.
+
+    Tries ``checkpoint.pt``, then ``checkpoint-next.pt`` (left when the
+    server died between writing and renaming it), then ``checkpoint-prev.pt``,
+    warning when it falls back. Rows of later rounds than the one restored
+    are dropped from ``metrics.jsonl`` (see :func:`rewind_metrics`).
+
+    Raises:
+        ValueError: checkpoints exist but none can be read (names each file
+            and why).
+    """
+    problems = []
+    for name in (CHECKPOINT, NEXT, PREVIOUS):
+        path = run_dir / name
+        if not path.exists():
+            continue
+        try:
+            checkpoint = read_checkpoint(path)
+        except ValueError as err:
+            problems.append(str(err))
+            continue
+        if name != CHECKPOINT:
+            why = "; ".join(problems) or f"{run_dir / CHECKPOINT} is missing"
+            log.warning("[MedFed] WARNING: %s; resuming from %s instead (round %d)",
+                        why, path, checkpoint.round)
+        rewind_metrics(run_dir, checkpoint.round)
+        return checkpoint
+    if problems:
+        raise ValueError("no readable checkpoint to resume from: " + "; ".join(problems)
+                         + ". Start a new run folder (without resume) instead")
+    return None
+
+
+def rewind_metrics(run_dir: Path, done: int) -> None:
+    """Drop ``metrics.jsonl`` rows of rounds after ``done``: those rounds are run again.
+
+    A round the server was killed in, or whose checkpoint was lost, left rows
+    that would otherwise appear twice. Rewritten atomically; a no-op when
+    nothing is dropped.
+    """
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if not _after(line, done)]
+    if len(kept) == len(lines):
+        return
+    with atomic_file(path, "w") as handle:
+        handle.writelines(kept)
+    log.info("[MedFed] dropped %d rows of rounds after round %d from %s (they are run again)",
+             len(lines) - len(kept), done, path)
+
+
+def _after(line: str, done: int) -> bool:
+    """Whether a ``metrics.jsonl`` line belongs to a round after ``done``."""
+    try:
+        round_ = json.loads(line).get("round")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(round_, int) and round_ > done

@@ -18,13 +18,14 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from common.atomic import atomic_file
+from common.folder_lock import locked
 from common.processes import ManagedProcess, free_port, running, wait_for_port
 from server.pki import certificate_expiry
 from server.runner import Connection, flwr_bin
@@ -129,11 +130,17 @@ def superlink_argv(*, host: str, port: int, certs: Certificates | None,
 
 
 def superlink_process(*, host: str, port: int, certs: Certificates | None, database: Path,
-                      log_path: Path, flwr_home: Path) -> ManagedProcess:
-    """The SuperLink as a managed (not yet started) process logging to ``log_path``."""
+                      log_path: Path, flwr_home: Path, hold_fds: Sequence[int] = ()
+                      ) -> ManagedProcess:
+    """The SuperLink as a managed (not yet started) process logging to ``log_path``.
+
+    ``hold_fds`` (locked descriptors, see :func:`site_locked`) stay open in
+    the SuperLink, so its folders stay locked for as long as it runs.
+    """
     database.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     argv = superlink_argv(host=host, port=port, certs=certs, database=database)
-    return ManagedProcess("superlink", argv, log_path, env={"FLWR_HOME": str(flwr_home)})
+    return ManagedProcess("superlink", argv, log_path, env={"FLWR_HOME": str(flwr_home)},
+                          pass_fds=tuple(hold_fds))
 
 
 def local_address(host: str, port: int) -> str:
@@ -227,30 +234,71 @@ def control_recorded(certs: Certificates | None, address: str) -> Iterator[None]
                 certs.control_record.unlink()
 
 
+def port_owners(port: int) -> list[str]:
+    """``PID N (name)`` of each process of this user listening on TCP ``port``."""
+    owners = []
+    with contextlib.suppress(psutil.Error):
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port \
+                    and conn.pid is not None:
+                with contextlib.suppress(psutil.Error):
+                    owners.append(f"PID {conn.pid} ({psutil.Process(conn.pid).name()})")
+    return sorted(set(owners))
+
+
 def ensure_free(host: str, port: int) -> None:
     """Fail fast when something already listens on ``host:port``.
 
     Raises:
-        RuntimeError: the port is taken (another server running?).
+        RuntimeError: the port is taken (another server running?); names the
+            listening process where this user may see it.
     """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
         try:
             sock.bind((host, port))
         except OSError as err:
-            raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror} (is another "
-                               "server running? choose another --port)") from None
+            owners = ", ".join(port_owners(port)) or "a process of another user"
+            raise RuntimeError(f"cannot listen on {host}:{port}: {err.strerror}, held by "
+                               f"{owners} (is another server, or a SuperLink it left, "
+                               "running? stop it, or choose another --port)") from None
+
+
+RUN_LOCK = "server.lock"
+"""Lock file in the run folder, held by the server and its SuperLink while they run."""
+
+
+@contextlib.contextmanager
+def site_locked(run_dir: Path, certs: Certificates | None) -> Iterator[tuple[int, ...]]:
+    """Hold the run folder (and the site's SuperLink database) for this server alone.
+
+    Yields:
+        The locked descriptors, to pass to the SuperLink (``hold_fds``): an
+        orphaned SuperLink keeps the folders locked until it exits.
+
+    Raises:
+        FolderInUseError: another server, or a SuperLink one left running,
+            holds them (the message names its PID).
+    """
+    with contextlib.ExitStack() as stack:
+        fds = [stack.enter_context(locked(run_dir / RUN_LOCK, "a MedFed server runs there"))]
+        if certs is not None:
+            fds.append(stack.enter_context(locked(
+                certs.state / "superlink.lock", "a SuperLink runs on this site's database")))
+        yield tuple(fds)
 
 
 @contextlib.contextmanager
 def serving(*, host: str, port: int, certs: Certificates | None, database: Path,
-            log_dir: Path, flwr_home: Path) -> Iterator[Connection]:
+            log_dir: Path, flwr_home: Path, hold_fds: Sequence[int] = ()
+            ) -> Iterator[Connection]:
     """Run the SuperLink on a loopback port behind the Fleet gate on ``host:port``.
 
     Starts the SuperLink (``log_dir/superlink.log``), waits until it listens,
     records its address for ``server.registry``, then starts the gate
     (``log_dir/fleet_gate.log``) and waits until the hospitals' port is open.
-    Both are stopped by PID on exit, the gate first.
+    Both are stopped by PID on exit, the gate first. ``hold_fds`` are
+    passed to the SuperLink (see :func:`superlink_process`).
 
     Yields:
         How this machine's Flower CLI reaches the SuperLink's Control API
@@ -264,7 +312,8 @@ def serving(*, host: str, port: int, certs: Certificates | None, database: Path,
     ensure_free(host, port)
     loopback = free_port()
     link = superlink_process(host="127.0.0.1", port=loopback, certs=certs, database=database,
-                             log_path=log_dir / "superlink.log", flwr_home=flwr_home)
+                             log_path=log_dir / "superlink.log", flwr_home=flwr_home,
+                             hold_fds=hold_fds)
     gate = gate_process(host=host, port=port, upstream_port=loopback, certs=certs,
                         log_path=log_dir / "fleet_gate.log")
     conn = connection(address=f"127.0.0.1:{loopback}", certs=certs)
