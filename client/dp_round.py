@@ -59,12 +59,12 @@ def ceiling_check(ceiling_epsilon: float | None, *, delta: float, accountant: st
 
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, poisson: DataLoader, *,
            sigma: float, privacy: PrivacyConfig, task: TaskConfig, epochs: int,
-           device: torch.device) -> list[Mechanism]:
+           device: torch.device, class_weights: torch.Tensor | None) -> list[Mechanism]:
     """Train one round with DP-SGD; the mechanisms Opacus recorded."""
     dp = make_private(model=model, optimizer=optimizer, loader=poisson, noise_multiplier=sigma,
                       max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant)
     train_epochs(model, dp.loader, dp.optimizer, task=task, epochs=epochs, device=device,
-                 on_empty_batch=dp.empty_batch)
+                 on_empty_batch=dp.empty_batch, class_weights=class_weights)
     return dp.finish()
 
 
@@ -72,7 +72,8 @@ def dp_train_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
                    task: TaskConfig, device: torch.device, privacy: PrivacyConfig,
                    ledger: PrivacyLedger, dataset: str, run_id: str, planned_epochs: int,
                    round_epochs: int, ceiling_epsilon: float | None = None,
-                   delta: float | None = None) -> PrivacyReport:
+                   delta: float | None = None,
+                   class_weights: torch.Tensor | None = None) -> PrivacyReport:
     """Train ``model`` in place for one DP-SGD round, accounted in ``ledger``.
 
     Args:
@@ -92,6 +93,8 @@ def dp_train_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
         round_epochs: epochs of this round.
         ceiling_epsilon: the most epsilon the hospital allows on its data.
         delta: delta for accounting and calibration; default ``privacy.delta``.
+        class_weights: fixed classification class weights ``[K]`` (independent
+            of the data: a per-sample factor before clipping), or None.
 
     Returns:
         The privacy figures after this round.
@@ -115,7 +118,7 @@ def dp_train_round(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader
     reservation = ledger.reserve(dataset, run_id, planned, check=check)
     try:
         used = _train(model, optimizer, poisson, sigma=sigma, privacy=privacy, task=task,
-                      epochs=round_epochs, device=device)
+                      epochs=round_epochs, device=device, class_weights=class_weights)
     except BaseException:
         with contextlib.suppress(LedgerError):  # if it stays, it stays counted
             ledger.release(dataset, reservation)

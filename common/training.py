@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, TensorDataset
 
 from common.config import TaskConfig, TrainConfig
 
@@ -55,27 +56,75 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_loss(task: TaskConfig) -> Loss:
+def make_loss(task: TaskConfig, class_weights: torch.Tensor | None = None) -> Loss:
     """Cross-entropy for classification; Dice + cross-entropy for segmentation.
 
     The returned function takes logits ``[B, K]`` / ``[B, K, *spatial]`` and
     targets ``[B]`` / ``[B, 1, *spatial]`` (class indices) and returns a
     scalar mean loss.
+
+    Args:
+        task: decides the loss.
+        class_weights: classification only: weight ``[K]`` of each class.
+            The loss is then ``mean_i(w[y_i] x CE_i)``, a plain mean over
+            the batch (not PyTorch's division by the batch's summed weights),
+            so each sample's gradient depends on that sample alone, as
+            Opacus' per-sample clipping with ``loss_reduction="mean"`` needs.
     """
     if task.kind == "classification":
-        return nn.CrossEntropyLoss()
+        if class_weights is None:
+            return nn.CrossEntropyLoss()
+        weights = class_weights
+
+        def weighted(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            per_sample = nn.functional.cross_entropy(logits, targets, reduction="none")
+            return (weights.to(per_sample.device)[targets] * per_sample).mean()
+        return weighted
     return DiceCELoss(to_onehot_y=True, softmax=True)
 
 
-def make_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer over ``model``'s parameters."""
+def label_counts(dataset: Dataset, num_classes: int) -> torch.Tensor:
+    """Samples per class ``[K]`` (int64) of a classification dataset."""
+    parts = dataset.datasets if isinstance(dataset, ConcatDataset) else [dataset]
+    labels = [part.tensors[1] if isinstance(part, TensorDataset)
+              else torch.as_tensor([int(part[i][1]) for i in range(len(part))])  # type: ignore[arg-type]
+              for part in parts]
+    return torch.bincount(torch.cat(labels).long().flatten(), minlength=num_classes)
+
+
+def loss_class_weights(train: TrainConfig, task: TaskConfig,
+                       dataset: Dataset) -> torch.Tensor | None:
+    """The loss's class weights ``[K]`` for ``train.class_weights``; None for ``none``.
+
+    ``balanced`` gives class k the weight N / (K x N_k) from ``dataset`` (the
+    hospital's own training split: its label counts are read where the
+    images are and never leave; the trained weights reflect them as they
+    reflect every image). A class absent from the split gets weight 0.
+    ``fixed`` uses ``train.fixed_class_weights`` (independent of the data,
+    hence usable under DP-SGD).
+    """
+    if train.class_weights == "none" or task.kind != "classification":
+        return None
+    if train.class_weights == "fixed":
+        return torch.tensor(train.fixed_class_weights, dtype=torch.float32)
+    counts = label_counts(dataset, task.num_classes).float()
+    present = counts > 0
+    weights = torch.zeros(task.num_classes)
+    weights[present] = counts.sum() / (int(present.sum()) * counts[present])
+    return weights
+
+
+def make_optimizer(model: nn.Module, train: TrainConfig, *,
+                   lr: float | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer over ``model``'s parameters, at ``lr`` (default ``train.lr``)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    rate = train.lr if lr is None else lr
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train.lr, momentum=train.momentum,
+        return torch.optim.SGD(params, lr=rate, momentum=train.momentum,
                                weight_decay=train.weight_decay)
     if train.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    return torch.optim.Adam(params, lr=train.lr, weight_decay=train.weight_decay)
+        return torch.optim.AdamW(params, lr=rate, weight_decay=train.weight_decay)
+    return torch.optim.Adam(params, lr=rate, weight_decay=train.weight_decay)
 
 
 def proximal_term(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
@@ -95,6 +144,7 @@ def train_epochs(
     amp: bool = False,
     proximal_mu: float = 0.0,
     on_empty_batch: Callable[[], None] | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
@@ -110,11 +160,13 @@ def train_epochs(
         on_empty_batch: DP-SGD: called for a batch Poisson sampling left
             empty, before a (noise-only, accounted) optimizer step; without
             it empty batches are skipped.
+        class_weights: classification class weights ``[K]`` (see
+            :func:`make_loss`); None = unweighted.
 
     Returns:
         Mean per-sample loss, samples seen and steps taken.
     """
-    criterion = make_loss(task)
+    criterion = make_loss(task, class_weights)
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)

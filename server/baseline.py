@@ -20,13 +20,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from common.augment import augmented
 from common.compose import compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.data import load_central_test, load_pooled, load_site
 from common.evaluation import evaluate
 from common.logs import medfed_logger
 from common.models import build_model
-from common.training import make_optimizer, resolve_device, train_epochs
+from common.schedule import epoch_lr, set_lr
+from common.training import loss_class_weights, make_optimizer, resolve_device, train_epochs
 from server.app import hospital_names
 from server.report import SUMMARY_FILE, atomic_write_text
 from server.summary_table import print_summary
@@ -70,13 +72,20 @@ def train_centralized(settings: Settings) -> dict[str, Any]:
     model = build_model(settings.task, settings.model, seed=settings.seed).to(device)
     optimizer = make_optimizer(model, settings.train)
     pooled = load_pooled(settings)
-    loader = DataLoader(pooled.train, batch_size=settings.data.batch_size, shuffle=True,
+    # The same augmentation, class weighting and lr curve as the hospitals use
+    weighting = loss_class_weights(settings.train, settings.task, pooled.train)
+    train = augmented(pooled.train, settings.augment, settings.task, seed=settings.seed)
+    loader = DataLoader(train, batch_size=settings.data.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(settings.seed))
-    epochs = settings.federation.rounds * settings.federation.local_epochs
+    fed = settings.federation
+    epochs = fed.rounds * fed.local_epochs
     for epoch in range(1, epochs + 1):
+        lr = epoch_lr(settings.train, epoch, local_epochs=fed.local_epochs, rounds=fed.rounds)
+        set_lr(optimizer, lr)
         result = train_epochs(model, loader, optimizer, task=settings.task, epochs=1,
-                              device=device, amp=settings.train.amp)
-        log.info("[MedFed] centralized epoch %d/%d | train loss %.4f", epoch, epochs, result.loss)
+                              device=device, amp=settings.train.amp, class_weights=weighting)
+        log.info("[MedFed] centralized epoch %d/%d | lr %.2e | train loss %.4f", epoch, epochs,
+                 lr, result.loss)
     train_seconds = time.perf_counter() - started
     torch.save(model.state_dict(), run_dir / "final_model.pt")
     summary = {"experiment": f"{settings.name} (centralized)", "task": settings.task.kind,
