@@ -14,7 +14,8 @@ same model adapted to this hospital. A hospital that wants a local head
 only can still have one: ``personalise.freeze`` keeps named layers (e.g.
 the feature extractor) at the global values while the rest is tuned.
 
-The fine-tune runs on the hospital's training split for at most
+The fine-tune runs on the hospital's training split (with the run's
+augmentation and loss, as in a federated round) for at most
 ``personalise.epochs`` epochs, scores its validation split after each one
 and keeps the epoch with the lowest validation loss, stopping after
 ``personalise.patience`` epochs without improvement; when no epoch beats
@@ -39,7 +40,6 @@ those it names are sent).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 
 import torch
@@ -49,10 +49,11 @@ from torch.utils.data import DataLoader, Dataset
 from client.hospital import Hospital
 from client.local import StateDict, evaluate_round, load_global, site_data
 from common import wire
+from common.augment import augmented
 from common.config import Settings
 from common.evaluation import evaluate
 from common.logs import medfed_logger
-from common.training import make_optimizer, resolve_device, train_epochs
+from common.training import loss_class_weights, make_optimizer, resolve_device, train_epochs
 from common.transfer import freeze
 
 log = medfed_logger()
@@ -107,13 +108,15 @@ def fine_tune(settings: Settings, hospital: Hospital, model: nn.Module, *, epoch
     val = _loader(data.val, settings, shuffle=False) if len(data.val) > 0 else None  # type: ignore[arg-type]
     if tune.freeze:
         freeze(model, tune.freeze, key="personalise.freeze")
-    train_config = dataclasses.replace(settings.train, lr=tune.lr or settings.train.lr)
-    optimizer = make_optimizer(model, train_config)
+    optimizer = make_optimizer(model, settings.train, lr=tune.lr or settings.train.lr)
+    weighting = loss_class_weights(settings.train, settings.task, data.train)
     best_loss, best_state, kept, waited = _val_loss(model, val, settings, device), None, 0, 0
     for epoch in range(1, epochs + 1):
         seed = settings.seed * 100_003 + hospital.index * 1_009 + 7_919 * epoch
-        train_epochs(model, _loader(data.train, settings, shuffle=True, seed=seed), optimizer,
-                     task=settings.task, epochs=1, device=device, amp=settings.train.amp)
+        train = augmented(data.train, settings.augment, settings.task, seed=seed)
+        train_epochs(model, _loader(train, settings, shuffle=True, seed=seed), optimizer,
+                     task=settings.task, epochs=1, device=device, amp=settings.train.amp,
+                     class_weights=weighting)
         loss = _val_loss(model, val, settings, device)
         if val is None or loss < best_loss:
             best_loss, best_state, kept, waited = loss, copy.deepcopy(model.state_dict()), epoch, 0
