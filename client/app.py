@@ -16,6 +16,7 @@ from client.clipping import client_level_clipping_mod
 from client.guard import only_weights_mod
 from client.hospital import RoundDeclinedError, hospital_from_node_config
 from client.local import evaluate_round, train_round
+from client.personalise import personalise_and_score
 from client.privacy_ledger import LedgerError
 from common import wire
 from common.config import settings_from_json
@@ -75,6 +76,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     # selection asks for and where the hospital's policy lets them leave,
     # on the validation split
     weights = msg.content.array_records[wire.ARRAYS].to_torch_state_dict()
+    # After training, when the server asks: fine-tune locally, score both models
+    # (the personalised weights never leave this hospital)
+    epochs = int(wire.scalar(config.get(wire.PERSONALISE_EPOCHS, 0))) if config else 0
+    if epochs > 0:
+        metrics = personalise_and_score(settings, hospital, weights, epochs=epochs)
+        return Message(content=RecordDict({wire.METRICS: wire.metric_record(metrics)}),
+                       reply_to=msg)
     validate = (settings.selection.due(server_round, settings.federation.rounds)
                 and wire.VAL_NUM_EXAMPLES in hospital.allowed_metrics)
     metrics = evaluate_round(settings, hospital, weights, validate=validate)

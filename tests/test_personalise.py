@@ -8,12 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
+from client.app import evaluate
+from client.guard import only_weights_mod
 from client.hospital import Hospital
 from client.local import evaluate_round, site_data, train_round
 from client.personalise import personalise_and_score
 from common import wire
 from common.compose import compose_settings, finalize
+from common.config import settings_to_json
 from common.models import build_model
 from server.personalisation import extend_summary, split_metrics, weighted
 from server.report import SUMMARY_FILE
@@ -104,3 +108,24 @@ def test_summary_gets_both_side_by_side(tmp_path: Path) -> None:
     written = json.loads((tmp_path / SUMMARY_FILE).read_text())
     assert written == summary and written["personalised"]["hospitals"]["hospital-0"][
         "personalised"]["auc"] == 0.6
+
+
+@pytest.mark.usefixtures("flower_identity")
+def test_evaluate_handler_personalises_behind_the_guard(tmp_path: Path) -> None:
+    """The real handler behind the hospital's guard: metrics of both models, no weights."""
+    settings = small_settings(tmp_path)
+    weights = build_model(settings.task, settings.model, seed=settings.seed).state_dict()
+    content = RecordDict({wire.ARRAYS: ArrayRecord(weights), wire.CONFIG: ConfigRecord(
+        {wire.SERVER_ROUND: 2, wire.PERSONALISE_EPOCHS: 1})})
+    node = {wire.PARTITION_ID: 0, wire.NUM_PARTITIONS: 3}
+    for node_config, personalised in (
+            (node, True),
+            ({**node, wire.ALLOWED_METRICS: ",".join(sorted(wire.EVALUATE_METRICS))}, False)):
+        context = Context(run_id=7, node_id=11, node_config=node_config, state=RecordDict(),
+                          run_config={wire.RUN_CONFIG_KEY: settings_to_json(settings)})
+        msg = Message(content, dst_node_id=11, message_type="evaluate")
+        reply = only_weights_mod(msg, context, evaluate)
+        assert not reply.has_error() and set(reply.content.keys()) == {wire.METRICS}
+        metrics = reply.content[wire.METRICS]
+        assert ("personal-auc" in metrics) == personalised
+        assert ("personal-epochs" in metrics) == personalised and "auc" in metrics
