@@ -94,7 +94,7 @@ def fine_tune(settings: Settings, hospital: Hospital, model: nn.Module, *, epoch
         settings: the experiment (``personalise.*``, ``train.*``, ``task``).
         hospital: this hospital (its data).
         model: the global model on ``device``; on return it holds the kept
-            weights (every parameter trainable again).
+            epoch's weights (the global ones when no epoch was kept).
         epochs: the most fine-tuning epochs.
         device: where to compute.
 
@@ -110,7 +110,8 @@ def fine_tune(settings: Settings, hospital: Hospital, model: nn.Module, *, epoch
         freeze(model, tune.freeze, key="personalise.freeze")
     optimizer = make_optimizer(model, settings.train, lr=tune.lr or settings.train.lr)
     weighting = loss_class_weights(settings.train, settings.task, data.train)
-    best_loss, best_state, kept, waited = _val_loss(model, val, settings, device), None, 0, 0
+    best_loss, kept, waited = _val_loss(model, val, settings, device), 0, 0
+    best_state = copy.deepcopy(model.state_dict())
     for epoch in range(1, epochs + 1):
         seed = settings.seed * 100_003 + hospital.index * 1_009 + 7_919 * epoch
         train = augmented(data.train, settings.augment, settings.task, seed=seed)
@@ -124,8 +125,6 @@ def fine_tune(settings: Settings, hospital: Hospital, model: nn.Module, *, epoch
         waited += 1
         if waited >= tune.patience:
             break
-    if kept == 0 or best_state is None:
-        return 0  # caller reloads the global weights
     model.load_state_dict(best_state)
     return kept
 
@@ -153,8 +152,6 @@ def personalise_and_score(settings: Settings, hospital: Hospital, weights: State
     device = resolve_device(hospital.device or settings.train.device)
     model = load_global(settings, weights, device)
     kept = fine_tune(settings, hospital, model, epochs=epochs, device=device)
-    if kept == 0:
-        model = load_global(settings, weights, device)
     data = site_data(settings, hospital)
     split = data.test if len(data.test) > 0 else data.val  # type: ignore[arg-type]
     personal = evaluate(model, _loader(split, settings, shuffle=False), task=settings.task,

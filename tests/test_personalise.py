@@ -21,6 +21,7 @@ from common.config import settings_to_json
 from common.models import build_model
 from server.personalisation import extend_summary, split_metrics, weighted
 from server.report import SUMMARY_FILE
+from simulate import main
 from tests.conftest import PNEUMONIA, ROOT, needs_shared, small_settings
 
 HOSPITAL = Hospital(index=0, count=3, name="hospital-0")
@@ -129,3 +130,37 @@ def test_evaluate_handler_personalises_behind_the_guard(tmp_path: Path) -> None:
         metrics = reply.content[wire.METRICS]
         assert ("personal-auc" in metrics) == personalised
         assert ("personal-epochs" in metrics) == personalised and "auc" in metrics
+
+
+@pytest.mark.slow
+def test_simulation_from_a_previous_run_reports_transfer_and_personalisation(
+        tmp_path: Path) -> None:
+    """Real simulations: run 1's final model starts run 2, which personalises at the end."""
+    first = tmp_path / "first"
+    assert main(["data.samples_per_hospital=64", "federation.rounds=1",
+                 f"run_dir={first}"]) == 0
+    second = tmp_path / "second"
+    assert main(["data.samples_per_hospital=64", "federation.rounds=1",
+                 f"model.init_weights={first / 'final_model.pt'}", "model.freeze=[net.layer_0]",
+                 "model.freeze_rounds=1", "personalise.epochs=2", f"run_dir={second}"]) == 0
+    transfer = json.loads((second / "transfer.json").read_text())
+    final = torch.load(first / "final_model.pt", weights_only=True)
+    assert transfer["loaded"] == len(final) and transfer["shape_mismatch"] == 0
+    summary = json.loads((second / SUMMARY_FILE).read_text())
+    assert summary["transfer"]["loaded"] == len(final)
+    # the frozen first block reached the end of round 1 unchanged
+    trained = torch.load(second / "final_model.pt", weights_only=True)
+    frozen = [k for k in final if k.startswith("net.layer_0.")]
+    # (averaging equal tensors may round in the last bit)
+    assert frozen and all(torch.allclose(trained[k], final[k], rtol=1e-6, atol=1e-7)
+                          for k in frozen)
+    assert any(not torch.allclose(trained[k], final[k]) for k in final if k not in frozen)
+    side_by_side = summary["personalised"]
+    assert set(side_by_side["hospitals"]) == {"hospital-0", "hospital-1", "hospital-2"}
+    for both in side_by_side["hospitals"].values():
+        assert both["global"]["num-examples"] == both["personalised"]["num-examples"] > 0
+        assert 0.0 <= both["personalised"]["auc"] <= 1.0 and 0 <= both["epochs"] <= 2
+    assert side_by_side["overall"]["personalised"]["num-examples"] > 0
+    rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["hospital"], r["model"]) for r in rows if r["phase"] == "personalise"} == {
+        (f"hospital-{i}", m) for i in range(3) for m in ("global", "personalised")}
