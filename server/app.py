@@ -21,7 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from common import wire
 from common.config import Settings, settings_from_json
 from common.logs import medfed_logger
-from common.models import build_model, check_dp_trainable
+from common.models import check_dp_trainable
 from server.central import central_evaluator
 from server.checkpoint import (
     FINAL_MODEL,
@@ -31,6 +31,8 @@ from server.checkpoint import (
     restore_strategy_state,
 )
 from server.client_dp import RELEASES, Release, wrap_client_level
+from server.initial_model import initial_model
+from server.personalisation import extend_summary, personalise
 from server.prompt_grid import PromptGrid
 from server.report import RunRecorder
 from server.round_end import RoundEnd
@@ -86,7 +88,7 @@ def run(grid: Grid, settings: Settings) -> dict:
 
     # Initial global model (checked trainable with DP-SGD before any hospital
     # starts), or the last completed round of an interrupted run
-    model = build_model(settings.task, settings.model, seed=settings.seed)
+    model, transfer = initial_model(settings, run_dir)  # model.init_weights, fresh runs only
     if settings.privacy.mode == "dp_sgd":
         check_dp_trainable(model, (settings.task.in_channels, *settings.task.image_size))
     weights = model.state_dict()
@@ -122,8 +124,10 @@ def run(grid: Grid, settings: Settings) -> dict:
         except EarlyStop as stop:
             log.info("[MedFed] stopping early after round %d: %s", round_end.last_round, stop)
             stopped_early = True
-    return finish(settings, recorder, round_end, stopped_early=stopped_early,
-                  wall_time_s=time.perf_counter() - started)
+    summary = finish(settings, recorder, round_end, stopped_early=stopped_early,
+                     wall_time_s=time.perf_counter() - started)
+    return extend_summary(run_dir, summary, transfer=transfer, personalised=personalise(
+        PromptGrid(grid), settings, round_end.weights, recorder))
 
 
 def finish(settings: Settings, recorder: RunRecorder, round_end: RoundEnd, *,

@@ -33,9 +33,8 @@ from common.transfer import TransferReport
 from server.checkpoint import FINAL_MODEL
 from server.replies import evaluate_reply_problem
 from server.report import METRICS_FILE, SUMMARY_FILE, RunRecorder, atomic_write_text
+from server.selection import BEST_MODEL
 
-BEST_MODEL = "best_model.pt"
-"""The validation-selected global model, when model selection wrote one."""
 PHASE = "personalise"
 
 log = medfed_logger()
