@@ -4,7 +4,7 @@
 for a fresh run with ``model.init_weights``, loads the file's matching
 tensors (:mod:`common.transfer`), logs what matched and writes the report to
 ``RUN_DIR/transfer.json``. A resumed run (``resume=true`` with a checkpoint
-in the run folder) continues from its checkpoint: the file is not read
+file in the run folder) continues from its checkpoint: the file is not read
 again and never overrides trained weights. ``model.freeze`` and
 ``personalise.freeze`` patterns are checked against the network here, so a
 typo fails the run before any hospital trains.
@@ -21,7 +21,7 @@ from common.config import Settings
 from common.logs import medfed_logger
 from common.models import build_model
 from common.transfer import TransferReport, init_from_file, matching_parameters
-from server.checkpoint import CHECKPOINT
+from server.checkpoint import CHECKPOINT, NEXT, PREVIOUS
 from server.report import atomic_write_text
 
 TRANSFER_FILE = "transfer.json"
@@ -45,7 +45,7 @@ def initial_model(settings: Settings, run_dir: Path) -> tuple[nn.Module, Transfe
     source = settings.model.init_weights
     if not source:
         return model, None
-    if settings.resume and (run_dir / CHECKPOINT).exists():
+    if settings.resume and any((run_dir / name).exists() for name in (CHECKPOINT, NEXT, PREVIOUS)):
         log.info("[MedFed] resuming: model.init_weights=%s is not applied (the checkpoint's "
                  "weights continue)", source)
         return model, None
