@@ -132,6 +132,9 @@ def finalize(settings: Settings, *, base: Path, suffix: str = "") -> Settings:
     ``FLWR_HOME``), so ``data.path``, ``model.init_weights`` and ``run_dir``
     become absolute, relative to ``base``. An empty ``run_dir`` becomes
     ``runs/<name><suffix>-<time>``.
+
+    Raises:
+        ConfigError: ``model.init_weights`` names no file (a fresh run).
     """
     if not settings.run_dir:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -140,5 +143,8 @@ def finalize(settings: Settings, *, base: Path, suffix: str = "") -> Settings:
     if settings.data.path:
         settings.data.path = str((base / settings.data.path).resolve())
     if settings.model.init_weights:
-        settings.model.init_weights = str((base / settings.model.init_weights).resolve())
+        weights = (base / settings.model.init_weights).resolve()
+        if not settings.resume and not weights.is_file():  # fail before starting anything
+            raise ConfigError(f"model.init_weights={weights}: file not found")
+        settings.model.init_weights = str(weights)
     return settings

@@ -95,6 +95,8 @@ def test_medfed_checkpoint_and_segmenter_into_classifier(tmp_path: Path) -> None
 
 
 def test_unreadable_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.init_weights=.*gone\.pt: file not found"):
+        small_settings(tmp_path, "model.init_weights=gone.pt")  # before anything starts
     with pytest.raises(TransferError, match=r"missing\.pt: file not found"):
         read_state_dict(tmp_path / "missing.pt")
     (tmp_path / "notes.pt").write_text("not a tensor file")
