@@ -16,13 +16,17 @@ Attacks (on the reply's weights ``w``, given the global weights ``g``):
 - ``sign_flip``: ``g - (w - g)`` (the honest update reversed, same norm);
 - ``float16`` / ``complex64``: the first array sent in that dtype;
 - ``absent_odd_rounds``: an error reply instead of training in odd rounds
-  (a hospital missing from some rounds).
+  (a hospital missing from some rounds);
+- ``straggler_after_round_1``: trains honestly in round 1, then sleeps
+  :data:`STRAGGLE_S` seconds before training in every later round (a
+  hospital that stalls but stays connected).
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +38,7 @@ from client.app import app as medfed_app
 
 StateDict = dict[str, torch.Tensor]
 ROOT = Path(__file__).resolve().parents[1]
+STRAGGLE_S = 120.0
 
 
 def _fill(value: float, dtype: torch.dtype | None = None) -> Callable[[StateDict, StateDict],
@@ -66,7 +71,7 @@ ARRAY_ATTACKS: dict[str, Callable[[StateDict, StateDict], StateDict]] = {
     "float16": _first_as(torch.float16),
     "complex64": _first_as(torch.complex64),
 }
-ATTACKS = (*ARRAY_ATTACKS, "num_examples_1e12", "absent_odd_rounds")
+ATTACKS = (*ARRAY_ATTACKS, "num_examples_1e12", "absent_odd_rounds", "straggler_after_round_1")
 
 app = ClientApp()  # no mods of its own: MedFed's run inside medfed_app
 
@@ -85,8 +90,10 @@ def train(msg: Message, context: Context) -> Message:
     round_ = msg.content.config_records["config"]["server-round"]
     if attack == "absent_odd_rounds" and int(str(round_)) % 2 == 1:
         return Message(Error(code=4001, reason="absent this round"), reply_to=msg)
+    if attack == "straggler_after_round_1" and int(str(round_)) > 1:
+        time.sleep(STRAGGLE_S)
     reply = medfed_app(msg, context)
-    if attack in (None, "absent_odd_rounds") or reply.has_error():
+    if attack in (None, "absent_odd_rounds", "straggler_after_round_1") or reply.has_error():
         return reply
     if attack == "num_examples_1e12":
         metrics = dict(reply.content.metric_records["metrics"])

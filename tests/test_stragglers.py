@@ -1,0 +1,38 @@
+"""A hospital that stalls in training does not hang the run: the round closes at its limit."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.hostile_app import STRAGGLE_S, hostile_project
+from simulate import simulate
+from tests.conftest import small_settings
+
+ROUND_TIMEOUT_S = 45
+
+
+@pytest.mark.slow
+def test_a_sleeping_hospital_is_left_behind_at_the_time_limit(tmp_path: Path) -> None:
+    """hospital-2 sleeps 120 s in round 2: round 2 closes after 45 s with the other two,
+    its late reply never joins a later phase, and the run completes."""
+    settings = small_settings(tmp_path, "federation.rounds=2", "data.central_test=false",
+                              f"federation.round_timeout_s={ROUND_TIMEOUT_S}")
+    project = hostile_project(tmp_path / "straggler", {2: "straggler_after_round_1"})
+    started = time.monotonic()
+    summary = simulate(settings, project_dir=project)
+    assert time.monotonic() - started < STRAGGLE_S + 60  # the run did not wait it out
+    assert summary["rounds"] == 2
+    rows = [json.loads(line) for line in
+            (Path(settings.run_dir) / "metrics.jsonl").read_text().splitlines()]
+    trained = {(r["round"], r["hospital"]) for r in rows
+               if r["phase"] == "train" and "error" not in r}
+    assert trained == {(1, "hospital-0"), (1, "hospital-1"), (1, "hospital-2"), (1, "overall"),
+                       (2, "hospital-0"), (2, "hospital-1"), (2, "overall")}
+    missing = [r for r in rows if r["phase"] == "train" and "error" in r]
+    assert [(r["round"], r["hospital"]) for r in missing] == [(2, "hospital-2")]
+    assert "federation.round_timeout_s" in missing[0]["error"]
+    assert isinstance(missing[0]["node"], int)  # the Flower node id, beside the name
