@@ -45,6 +45,7 @@ from client.node import (
     write_node_config,
 )
 from client.runner import runner_argv, write_secret
+from client.session import end_previous_session, last_node_id
 from common.logs import medfed_logger
 from common.processes import ManagedProcess, free_port, running, stop_children_on_signals
 from common.watchdog import start_watchdog
@@ -283,12 +284,30 @@ def run_node(settings: HospitalSettings, link: Link, config: Path, home: Path, p
                                                verbose)
         if runner_stopped or not wait.applies(output, earlier):
             return output, code, runner_stopped
-        first_refusal = first_refusal or time.monotonic()
+        if first_refusal is None:
+            first_refusal = time.monotonic()
+            if release(settings.name, link, earlier):
+                continue
         waited = time.monotonic() - first_refusal
         if waited >= wait.limit_s:
             return output, code, runner_stopped
         log.info("[MedFed] %s", wait.message(settings.name, waited))
         time.sleep(wait.retry_s)
+
+
+def release(name: str, link: Link, earlier_log: str) -> bool:
+    """Ask the server to end this hospital's previous session (see :mod:`client.session`)."""
+    node_id = last_node_id(earlier_log)
+    if node_id is None:
+        return False
+    failure = end_previous_session(link, node_id)
+    if failure is None:
+        log.info("[MedFed] %s: the coordinating site still held this hospital's previous "
+                 "session (node %d); it was ended, connecting again", name, node_id)
+        return True
+    log.info("[MedFed] %s: could not end the previous session (node %d): %s", name, node_id,
+             failure)
+    return False
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -211,8 +211,8 @@ def test_a_sigkilled_server_leaves_nothing_and_resume_completes(
 @pytest.mark.slow
 def test_a_hospital_restarted_at_once_after_a_crash_rejoins(deployment: Federation) -> None:
     """site-c is SIGKILLed (node, runner and command) after round 1 and restarted within
-    5 s: it is told the coordinator still holds its old session, retries, and trains in a
-    later round."""
+    5 s: refused because the coordinator still holds its old session, it ends that session
+    with its own key, connects again and trains in a later round."""
     fed = deployment
     plan = ["federation.rounds=4", "federation.min_train=2", "federation.fraction_evaluate=0"]
     nodes = {name: fed.hospital(name) for name in ("site-a", "site-b", "site-c")}
@@ -221,7 +221,8 @@ def test_a_hospital_restarted_at_once_after_a_crash_rejoins(deployment: Federati
     crash(nodes["site-c"])
     restarted = fed.start("site-c-again", nodes["site-c"].argv)  # same kit and home
     assert server.wait(timeout_s=400) == 0, output(server)[-3000:]
-    assert "still holds this hospital's previous session" in output(restarted)
+    assert "still held this hospital's previous session" in output(restarted)
+    assert "it was ended, connecting again" in output(restarted)
     assert "not registered" not in output(restarted)
     assert restarted.poll() is None, output(restarted)[-2000:]
     trained = {r["round"] for r in fed.rows() if r["phase"] == "train"
