@@ -253,7 +253,7 @@ def test_the_server_restarts_and_a_hospital_crashes(federation: Federation) -> N
         "hospital-0", "hospital-1", "overall"}
     site_c = json.loads((fed.certs.state / "registered.json").read_text())["site-c"]["node-id"]
     # Flower noticed the crash; the failure names the node that died, not the SuperLink
-    assert any("heartbeat" in r.get("error", "") and r.get("node") == site_c
+    assert any("heartbeat" in r.get("error", "") and str(r.get("node")) == site_c
                for r in train)
     assert fed.summary()["rounds"] == 2
     assert nodes["site-a"].poll() is None and nodes["site-b"].poll() is None
@@ -332,7 +332,7 @@ def test_bad_replies_never_reach_the_aggregate(federation: Federation) -> None:
     assert server.wait(timeout_s=240) == 0, output(server)[-3000:]
     node = {name: r["node-id"] for name, r in
             json.loads((fed.certs.state / "registered.json").read_text()).items()}
-    errors = {r.get("node"): r["error"] for r in fed.rows() if "error" in r}
+    errors = {str(r.get("node")): r["error"] for r in fed.rows() if "error" in r}
     assert "refused by the hospital's guard" in errors[node["site-a"]]
     assert "non-finite" in errors[node["site-a"]]
     assert "reply dropped" in errors[node["site-b"]]
@@ -356,7 +356,7 @@ def test_a_hospitals_ceiling_declines_a_run_without_dp_sgd(federation: Federatio
     assert server.wait(timeout_s=240) == 0, output(server)[-3000:]
     node = {name: r["node-id"] for name, r in
             json.loads((fed.certs.state / "registered.json").read_text()).items()}
-    errors = {r.get("node"): r["error"] for r in fed.rows() if "error" in r}
+    errors = {str(r.get("node")): r["error"] for r in fed.rows() if "error" in r}
     assert "max-epsilon=1, so it trains only with privacy=dp_sgd; this run has privacy=none" \
         in errors[node["site-a"]]
     trained = {r["hospital"] for r in fed.rows() if r["phase"] == "train" and "error" not in r}
