@@ -5,8 +5,14 @@
 Pools every hospital's training split (what federated learning avoids),
 trains for ``federation.rounds x federation.local_epochs`` epochs, and scores
 the result exactly as a federated run is scored: per hospital test split,
-weighted overall and the central test set. Writes ``summary.json`` (same
-metric names) into ``runs/<name>-central-<time>`` or ``run_dir``.
+weighted overall and the central test set. Model selection is the federated
+run's too: after every ``federation.local_epochs`` epochs (one round's worth,
+in the rounds ``selection.every`` asks for, and the last) the model is scored
+on the pooled validation splits, the best by ``val-<selection.metric>`` is
+kept as ``best_model.pt`` (``final_model.pt`` is the last epoch's), training
+stops after ``selection.patience`` validations without improvement, and the
+test figures are the selected model's. Writes ``summary.json`` (same metric
+names, ``selection`` included) into ``runs/<name>-central-<time>`` or ``run_dir``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from common.schedule import epoch_lr, set_lr
 from common.training import loss_class_weights, make_optimizer, resolve_device, train_epochs
 from server.app import hospital_names
 from server.report import SUMMARY_FILE, atomic_write_text
+from server.selection import EarlyStop, Selection
 from server.summary_table import print_summary
 
 log = medfed_logger()
@@ -62,6 +69,34 @@ def score_everywhere(model: torch.nn.Module, settings: Settings, device: torch.d
     return {"hospitals": hospitals, "overall": overall, "central": central}
 
 
+def validate(model: torch.nn.Module, loader: DataLoader, settings: Settings,
+             selection: Selection, *, epoch: int, device: torch.device) -> None:
+    """Score the model on the pooled validation splits after each round's worth of epochs.
+
+    Epoch ``epoch`` ends round ``epoch / local_epochs`` when that divides; the
+    rounds validated are those a federated run validates (every
+    ``selection.every``-th and the last).
+
+    Raises:
+        EarlyStop: ``selection.patience`` validations brought no improvement.
+    """
+    fed = settings.federation
+    if epoch % fed.local_epochs:
+        return
+    round_ = epoch // fed.local_epochs
+    if round_ % settings.selection.every and round_ != fed.rounds:
+        return
+    metrics = evaluate(model, loader, task=settings.task, device=device)
+    figures = {f"val-{key}": value for key, value in metrics.items()}
+    step = selection.observe(round_, figures, model.state_dict())
+    if step is not None:
+        log.info("[MedFed] centralized round %d | val-%s %.4f | best round %d", round_,
+                 step.metric, step.value, step.best_round)
+    if selection.exhausted:
+        raise EarlyStop
+    model.train()
+
+
 def train_centralized(settings: Settings) -> dict[str, Any]:
     """Train on the pooled training data and write the run folder's summary."""
     started = time.perf_counter()
@@ -79,6 +114,9 @@ def train_centralized(settings: Settings) -> dict[str, Any]:
                         generator=torch.Generator().manual_seed(settings.seed))
     fed = settings.federation
     epochs = fed.rounds * fed.local_epochs
+    selection = Selection(settings.selection)
+    val_loader = DataLoader(pooled.val, batch_size=max(64, settings.data.batch_size))
+    stopped_early = False
     for epoch in range(1, epochs + 1):
         lr = epoch_lr(settings.train, epoch, local_epochs=fed.local_epochs, rounds=fed.rounds)
         set_lr(optimizer, lr)
@@ -86,10 +124,20 @@ def train_centralized(settings: Settings) -> dict[str, Any]:
                               device=device, amp=settings.train.amp, class_weights=weighting)
         log.info("[MedFed] centralized epoch %d/%d | lr %.2e | train loss %.4f", epoch, epochs,
                  lr, result.loss)
+        try:
+            validate(model, val_loader, settings, selection, epoch=epoch, device=device)
+        except EarlyStop:
+            stopped_early = True
+            break
     train_seconds = time.perf_counter() - started
     torch.save(model.state_dict(), run_dir / "final_model.pt")
+    selection.save_best(run_dir)
+    if selection.weights:
+        model.load_state_dict(selection.weights)
     summary = {"experiment": f"{settings.name} (centralized)", "task": settings.task.kind,
-               "rounds": epochs, **score_everywhere(model, settings, device),
+               "rounds": epochs, "epochs_trained": epoch,
+               "selection": selection.summary(stopped_early=stopped_early),
+               **score_everywhere(model, settings, device),
                "wall_time_s": round(time.perf_counter() - started, 2),
                "train_time_s": round(train_seconds, 2)}
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
