@@ -25,7 +25,7 @@ from monai.transforms import EnsureChannelFirst
 from monai.transforms.io.array import switch_endianness
 from monai.utils import ImageMetaKey, convert_to_tensor
 
-from common.data.errors import DataError
+from common.data.errors import INCOMPATIBLE, MISSING_FILE, UNREADABLE, DataError
 
 READERS: Mapping[str, Callable[[], ImageReader]] = MappingProxyType({
     ".png": lambda: PILReader(reverse_indexing=False),
@@ -54,7 +54,7 @@ def check_extension(path: Path) -> None:
     """Raise :class:`DataError` naming ``path`` if its extension is not readable."""
     if not is_image(path):
         raise DataError(f"{path}: unknown image extension {suffix(path)!r}; "
-                        f"supported: {', '.join(sorted(READERS))}")
+                        f"supported: {', '.join(sorted(READERS))}", kind=INCOMPATIBLE, file=path)
 
 
 def load(path: Path) -> torch.Tensor:
@@ -68,7 +68,7 @@ def load(path: Path) -> torch.Tensor:
             cannot decode (the file is named).
     """
     if not path.is_file():
-        raise DataError(f"image file {path} not found")
+        raise DataError(f"image file {path} not found", kind=MISSING_FILE, file=path)
     check_extension(path)
     reader = READERS[suffix(path)]()
     try:
@@ -79,7 +79,14 @@ def load(path: Path) -> torch.Tensor:
         image = MetaTensor.ensure_torch_and_prune_meta(native, meta)
         return EnsureChannelFirst()(image, meta_dict=meta)
     except Exception as err:  # noqa: BLE001 - every reader failure means the same to the user
-        raise DataError(f"cannot read image {path}: {str(err).splitlines()[0][:200]}") from None
+        raise DataError(f"cannot read image {path}: {_first_line(err)}", kind=UNREADABLE,
+                        file=path) from None
+
+
+def _first_line(err: Exception) -> str:
+    """The first line of a reader's error (at most 200 characters), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
 
 
 def read_image(path: Path) -> torch.Tensor:

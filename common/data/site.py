@@ -38,7 +38,7 @@ from common.data.partition import (
     partition,
     three_way_groups,
 )
-from common.data.volumes import load_samples
+from common.data.volumes import VolumeSamples, load_samples
 from common.participation import taking_part
 
 
@@ -112,38 +112,66 @@ def site_folders(settings: Settings) -> list[Path]:
     return folders
 
 
+def split_labelled(name: str, x: torch.Tensor, y: torch.Tensor, settings: Settings,
+                   hospital: int) -> SiteData:
+    """One hospital's images ``x`` and classes ``y`` divided at random into its splits."""
+    return _assemble(name, x, y, _singletons(len(x)), settings, hospital)
+
+
+def split_samples(name: str, samples: VolumeSamples, settings: Settings,
+                  hospital: int) -> SiteData:
+    """One hospital's slices/patches divided into its splits by whole volumes or blocks."""
+    return _assemble(name, samples.images, samples.masks,
+                     _volume_groups(samples.volume, settings), settings, hospital)
+
+
+def pooled_rows(labels: np.ndarray, settings: Settings, hospital: int) -> np.ndarray:
+    """Indices of the pooled CSV rows (classes ``labels``) that go to ``hospital``."""
+    return partition(labels, settings.federation.num_hospitals, settings.data.split,
+                     settings.data.dirichlet_alpha, _rng(settings, 3), min_size=1)[hospital]
+
+
+def check_pooled_split(settings: Settings) -> None:
+    """Raise :class:`DataError` if a pooled folder of the task cannot be shared by ``data.split``.
+
+    Raises:
+        DataError: ``data.split=dirichlet`` for segmentation (label skew needs image labels).
+    """
+    if settings.data.split == "dirichlet" and settings.task.kind == "segmentation":
+        raise DataError("data.split=dirichlet skews image labels and needs task.kind="
+                        "classification; share segmentation folders with iid or natural")
+
+
+def pooled_samples(samples: VolumeSamples, settings: Settings, hospital: int) -> VolumeSamples:
+    """``hospital``'s share of a pooled segmentation folder: whole volumes, else blocks."""
+    parts = settings.federation.num_hospitals
+    units = (contiguous_blocks(samples.volume, len(samples.volume))
+             if len(np.unique(samples.volume)) >= parts
+             else contiguous_blocks(samples.volume, _block(settings)))
+    mine = iid_partition(len(units), parts, _rng(settings, 3))[hospital]
+    share = np.concatenate([units[i] for i in mine])
+    return VolumeSamples(samples.images[share], samples.masks[share], samples.volume[share])
+
+
 def _whole_folder(folder: Path, settings: Settings, hospital: int) -> SiteData:
     """A folder that is one hospital's whole dataset."""
     if settings.task.kind == "segmentation":
-        samples = load_samples(folder, settings)
-        return _assemble(folder.name, samples.images, samples.masks,
-                         _volume_groups(samples.volume, settings), settings, hospital)
+        return split_samples(folder.name, load_samples(folder, settings), settings, hospital)
     x, y = load_labelled(read_labels(folder, settings.data.labels_csv), settings.task)
-    return _assemble(folder.name, x, y, _singletons(len(x)), settings, hospital)
+    return split_labelled(folder.name, x, y, settings, hospital)
 
 
 def _folder_share(settings: Settings, hospital: int) -> SiteData:
     """Hospital ``hospital``'s share of one pooled folder (``iid`` / ``dirichlet``)."""
-    folder, parts = Path(str(settings.data.path)), settings.federation.num_hospitals
-    name, rng = f"hospital-{hospital}", _rng(settings, 3)
+    folder, name = Path(str(settings.data.path)), f"hospital-{hospital}"
     if settings.task.kind == "classification":
         rows = read_labels(folder, settings.data.labels_csv)
-        labels = np.array([label for _, label in rows])
-        share = partition(labels, parts, settings.data.split, settings.data.dirichlet_alpha, rng,
-                          min_size=1)[hospital]
+        share = pooled_rows(np.array([label for _, label in rows]), settings, hospital)
         x, y = load_labelled([rows[i] for i in share], settings.task)
-        return _assemble(name, x, y, _singletons(len(x)), settings, hospital)
-    if settings.data.split == "dirichlet":
-        raise DataError("data.split=dirichlet skews image labels and needs task.kind="
-                        "classification; share segmentation folders with iid or natural")
-    samples = load_samples(folder, settings)
-    units = (contiguous_blocks(samples.volume, len(samples.volume))
-             if len(np.unique(samples.volume)) >= parts
-             else contiguous_blocks(samples.volume, _block(settings)))
-    mine = iid_partition(len(units), parts, rng)[hospital]
-    share = np.concatenate([units[i] for i in mine])
-    return _assemble(name, samples.images[share], samples.masks[share],
-                     _volume_groups(samples.volume[share], settings), settings, hospital)
+        return split_labelled(name, x, y, settings, hospital)
+    check_pooled_split(settings)  # before reading any volume
+    samples = pooled_samples(load_samples(folder, settings), settings, hospital)
+    return split_samples(name, samples, settings, hospital)
 
 
 def _synthetic(settings: Settings, hospital: int, n: int, stream: int

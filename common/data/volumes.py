@@ -35,7 +35,14 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 
 from common.config import Settings
-from common.data.errors import DataError
+from common.data.errors import (
+    INCOMPATIBLE,
+    LAYOUT,
+    MISSING_FILE,
+    OUT_OF_RANGE,
+    SHAPE_MISMATCH,
+    DataError,
+)
 from common.data.readers import load, suffix
 from common.data.resize import pad_to_aspect, resize_image, resize_mask
 
@@ -80,14 +87,16 @@ def _mask_of(image: Path, labels_dir: Path) -> Path:
     channel = re.fullmatch(r"(.+)_(\d{4})", stem)
     if channel and channel.group(2) != "0000":
         raise DataError(f"{image}: multi-channel images (nnU-Net channel {channel.group(2)}) "
-                        "are not supported; keep one channel (_0000) per case")
+                        "are not supported; keep one channel (_0000) per case",
+                        kind=INCOMPATIBLE, file=image)
     candidates = [labels_dir / image.name]
     if channel:
         candidates.append(labels_dir / f"{channel.group(1)}{ext}")
     for mask in candidates:
         if mask.is_file():
             return mask
-    raise DataError(f"{image} has no mask: {' or '.join(map(str, candidates))} not found")
+    raise DataError(f"{image} has no mask: {' or '.join(map(str, candidates))} not found",
+                    kind=MISSING_FILE, file=image)
 
 
 def pairs(folder: Path) -> list[tuple[Path, Path]]:
@@ -99,18 +108,21 @@ def pairs(folder: Path) -> list[tuple[Path, Path]]:
     """
     images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
     if not folder.is_dir():
-        raise DataError(f"data folder {folder} not found")
+        raise DataError(f"data folder {folder} not found", kind=LAYOUT, file=folder)
     for sub in (images_dir, labels_dir):
         if not sub.is_dir():
-            raise DataError(f"{folder} lacks {sub.name}/ (expected imagesTr/ and labelsTr/)")
+            raise DataError(f"{folder} lacks {sub.name}/ (expected imagesTr/ and labelsTr/)",
+                            kind=LAYOUT, file=sub)
     found = []
     for image in sorted(p for p in images_dir.iterdir() if not p.name.startswith(".")):
         if suffix(image) not in (".nii", ".nii.gz"):
             raise DataError(f"{image}: unknown volume extension {suffix(image)!r}; "
-                            "imagesTr/ holds NIfTI files (.nii, .nii.gz)")
+                            "imagesTr/ holds NIfTI files (.nii, .nii.gz)", kind=INCOMPATIBLE,
+                            file=image)
         found.append((image, _mask_of(image, labels_dir)))
     if not found:
-        raise DataError(f"{images_dir} holds no NIfTI images (.nii/.nii.gz)")
+        raise DataError(f"{images_dir} holds no NIfTI images (.nii/.nii.gz)", kind=LAYOUT,
+                        file=images_dir)
     return found
 
 
@@ -127,10 +139,20 @@ def load_volume(image: Path, mask: Path, settings: Settings) -> Volume:
             image (both files and shapes named), or mask values outside
             ``[0, task.num_classes)``.
     """
-    loaded = _load(image, mask)
+    return prepare_volume(_load(image, mask), image, mask, settings)
+
+
+def prepare_volume(loaded: dict[str, torch.Tensor], image: Path, mask: Path,
+                   settings: Settings) -> Volume:
+    """:func:`load_volume` of files already read (``{"image": ..., "label": ...}``, as stored).
+
+    Raises:
+        DataError: as :func:`load_volume`, but for unreadable files.
+    """
     if loaded["image"].shape[1:] != loaded["label"].shape[1:]:
         raise DataError(f"mask {mask} has shape {tuple(loaded['label'].shape[1:])} but its "
-                        f"image {image} has shape {tuple(loaded['image'].shape[1:])}")
+                        f"image {image} has shape {tuple(loaded['image'].shape[1:])}",
+                        kind=SHAPE_MISMATCH, file=mask)
     steps: list[MapTransform] = [Orientationd(list(KEYS), axcodes="RAS", labels=None)]
     if settings.data.spacing:
         steps.append(Spacingd(list(KEYS), pixdim=settings.data.spacing,
@@ -142,7 +164,7 @@ def load_volume(image: Path, mask: Path, settings: Settings) -> Volume:
     bad = sorted({v for v in labels.unique().tolist() if not 0 <= v < settings.task.num_classes})
     if bad:
         raise DataError(f"mask {mask} holds class(es) {bad} outside [0, task.num_classes="
-                        f"{settings.task.num_classes})")
+                        f"{settings.task.num_classes})", kind=OUT_OF_RANGE, file=mask)
     x, y, z = (float(p) for p in out["image"].pixdim)
     return Volume(convert_to_tensor(out["image"], dtype=torch.float32, track_meta=False),
                   labels, (x, y, z))
@@ -189,6 +211,29 @@ def patches(volume: Volume, settings: Settings) -> tuple[torch.Tensor, torch.Ten
     return images[keep], masks[keep]
 
 
+def volume_samples(volume: Volume, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples of one volume: slices (2D tasks) or patches / the whole volume (3D)."""
+    if settings.task.spatial_dims == 2:
+        return slices(volume, settings)
+    return patches(volume, settings)
+
+
+def check_volume_task(folder: Path, settings: Settings) -> None:
+    """Raise :class:`DataError` if the task cannot take ``folder``'s volumes.
+
+    Raises:
+        DataError: ``task.in_channels`` other than 1, or a ``data.volume_mode``
+            that does not fit ``task.spatial_dims``.
+    """
+    if settings.task.in_channels != 1:
+        raise DataError(f"{folder}: NIfTI volumes have 1 channel; set task.in_channels=1",
+                        kind=INCOMPATIBLE, file=folder)
+    if (settings.task.spatial_dims == 2) != (settings.data.volume_mode == "slices"):
+        raise DataError(f"data.volume_mode={settings.data.volume_mode} does not fit task."
+                        f"spatial_dims={settings.task.spatial_dims}: 2D tasks use slices, "
+                        "3D tasks patches or volume", kind=INCOMPATIBLE)
+
+
 def load_samples(folder: Path, settings: Settings) -> VolumeSamples:
     """Every sample of every volume in ``folder`` (see the module docstring).
 
@@ -198,19 +243,10 @@ def load_samples(folder: Path, settings: Settings) -> VolumeSamples:
             does not fit ``task.spatial_dims``, or no sample left after the
             ``data.min_foreground`` filter.
     """
-    if settings.task.in_channels != 1:
-        raise DataError(f"{folder}: NIfTI volumes have 1 channel; set task.in_channels=1")
-    if (settings.task.spatial_dims == 2) != (settings.data.volume_mode == "slices"):
-        raise DataError(f"data.volume_mode={settings.data.volume_mode} does not fit task."
-                        f"spatial_dims={settings.task.spatial_dims}: 2D tasks use slices, "
-                        "3D tasks patches or volume")
+    check_volume_task(folder, settings)
     images, masks, volume_ids = [], [], []
     for index, (image_path, mask_path) in enumerate(pairs(folder)):
-        volume = load_volume(image_path, mask_path, settings)
-        if settings.task.spatial_dims == 2:
-            x, y = slices(volume, settings)
-        else:
-            x, y = patches(volume, settings)
+        x, y = volume_samples(load_volume(image_path, mask_path, settings), settings)
         images.append(x)
         masks.append(y)
         volume_ids.append(np.full(len(x), index))
