@@ -107,3 +107,26 @@ def test_selected_round_is_the_best_validation_round(tmp_path: Path) -> None:
     assert {k: v["auc"] for k, v in summary["hospitals"].items()} == chosen
     assert summary["last_round"]["round"] == 3
     assert (run_dir / BEST_MODEL).is_file() and (run_dir / "final_model.pt").is_file()
+
+
+def test_the_baseline_selects_its_best_validation_round(tmp_path: Path) -> None:
+    """Centralized training keeps the epoch-round with the lowest pooled validation loss."""
+    from torch.utils.data import DataLoader
+
+    from common.data import load_pooled
+    from common.evaluation import evaluate
+    from common.models import build_model
+    from server.baseline import train_centralized
+
+    settings = small_settings(tmp_path, "federation.rounds=3", "federation.local_epochs=1")
+    run_dir = Path(settings.run_dir)
+    summary = train_centralized(settings)
+    chosen = summary["selection"]
+    assert 1 <= chosen["round"] <= 3 and chosen["metric"] == "val-loss"
+    assert chosen["value"] <= chosen["last_val_loss"]
+    model = build_model(settings.task, settings.model)
+    model.load_state_dict(torch.load(run_dir / BEST_MODEL, weights_only=True))
+    val = DataLoader(load_pooled(settings).val, batch_size=64)
+    figures = evaluate(model, val, task=settings.task, device=torch.device("cpu"))
+    assert figures["loss"] == pytest.approx(chosen["value"], rel=1e-4)
+    assert (run_dir / "final_model.pt").is_file()
