@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from common import wire
 from common.augment import augmented
 from common.compose import compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
@@ -87,7 +88,7 @@ def validate(model: torch.nn.Module, loader: DataLoader, settings: Settings,
     if round_ % settings.selection.every and round_ != fed.rounds:
         return
     metrics = evaluate(model, loader, task=settings.task, device=device)
-    figures = {f"val-{key}": value for key, value in metrics.items()}
+    figures = {wire.VALIDATION_PREFIX + key: value for key, value in metrics.items()}
     step = selection.observe(round_, figures, model.state_dict())
     if step is not None:
         log.info("[MedFed] centralized round %d | val-%s %.4f | best round %d", round_,
