@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 TASKS = ("classification", "segmentation")
+THRESHOLD_METHODS = ("youden", "sensitivity", "fixed")
+TRACKERS = ("tensorboard", "mlflow", "none")
 CLASSIFIERS = ("cnn", "densenet121", "resnet18", "resnet34")
 SEGMENTERS = ("unet", "basicunet", "attentionunet", "segresnet")
 DATA_SOURCES = ("synthetic", "medmnist", "folder")
@@ -587,6 +589,42 @@ class AugmentConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How test figures are reported: the decision threshold and confidence intervals.
+
+    Attributes:
+        threshold: how the probability threshold for class 1 (two classes) is
+            chosen on the pooled validation splits of the selected model:
+            ``youden`` (maximises sensitivity + specificity - 1),
+            ``sensitivity`` (the highest threshold whose validation
+            sensitivity reaches ``target_sensitivity``) or ``fixed``
+            (``fixed_threshold``, not chosen on data).
+        target_sensitivity: the sensitivity ``threshold=sensitivity`` aims at, in (0, 1].
+        fixed_threshold: the threshold ``threshold=fixed`` uses, in (0, 1).
+        bootstrap: resamples of each percentile bootstrap interval (0 = no intervals).
+        confidence: coverage of the intervals, in (0, 1) (0.95: 95 % intervals).
+    """
+
+    threshold: str = "youden"
+    target_sensitivity: float = 0.9
+    fixed_threshold: float = 0.5
+    bootstrap: int = 500
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        _one_of("evaluation.threshold", self.threshold, THRESHOLD_METHODS)
+        if not 0.0 < self.target_sensitivity <= 1.0:
+            raise ConfigError(f"evaluation.target_sensitivity={self.target_sensitivity} must "
+                              "be in (0, 1]")
+        if not 0.0 < self.fixed_threshold < 1.0:
+            raise ConfigError(f"evaluation.fixed_threshold={self.fixed_threshold} must be "
+                              "in (0, 1)")
+        _positive("evaluation.bootstrap", self.bootstrap, allow_zero=True)
+        if not 0.0 < self.confidence < 1.0:
+            raise ConfigError(f"evaluation.confidence={self.confidence} must be in (0, 1)")
+
+
+@dataclass
 class Settings:
     """One experiment: everything the server and the hospitals need to agree on.
 
@@ -595,6 +633,9 @@ class Settings:
         seed: seed of data generation, splits, sampling and initial weights.
         run_dir: where the server writes the run folder (absolute path).
         resume: continue from the checkpoint in ``run_dir`` if there is one.
+        tracking: where per-round per-hospital scalars are also logged:
+            ``tensorboard`` (event files under ``run_dir/tensorboard``),
+            ``mlflow`` (a local file store under ``run_dir/mlruns``) or ``none``.
     """
 
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -607,12 +648,15 @@ class Settings:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     personalise: PersonaliseConfig = field(default_factory=PersonaliseConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: str = "tensorboard"
     name: str = "default"
     seed: int = 0
     run_dir: str = "runs/default"
     resume: bool = False
 
     def __post_init__(self) -> None:
+        _one_of("tracking", self.tracking, TRACKERS)
         models = CLASSIFIERS if self.task.kind == "classification" else SEGMENTERS
         _one_of(f"model.name (for task.kind={self.task.kind})", self.model.name, models)
         if self.data.split == "natural" and self.data.source != "folder":
@@ -674,6 +718,7 @@ SECTIONS: dict[str, type] = {
     "selection": SelectionConfig,
     "personalise": PersonaliseConfig,
     "augment": AugmentConfig,
+    "evaluation": EvaluationConfig,
 }
 
 
