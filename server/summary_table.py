@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,15 @@ ORDER = ("auc", "accuracy", "sensitivity", "specificity", "dice", "hd95", "loss"
 PRIVACY_ORDER = ("epsilon", "delta", "noise-multiplier", "sample-rate", "dp-steps")
 
 
+MISSING = object()
+"""A key a row does not have (printed ``-``; an undefined value prints ``n/a``)."""
+
+
 def _fmt(value: Any) -> str:
-    if value is None:
+    if value is MISSING:
         return "-"
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"  # undefined (e.g. AUC with one class present)
     if isinstance(value, float):
         if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e5):
             return f"{value:.2e}"
@@ -29,7 +36,7 @@ def _table(title: str, rows: dict[str, dict[str, Any]], order: tuple[str, ...]) 
     for key in keys:
         table.add_column(key, justify="right")
     for name, row in rows.items():
-        table.add_row(name, *(_fmt(row.get(k)) for k in keys))
+        table.add_row(name, *(_fmt(row.get(k, MISSING)) for k in keys))
     return table
 
 
@@ -42,9 +49,24 @@ def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | 
         rows["overall (weighted)"] = summary["overall"]
     if summary.get("central"):
         rows["central test set"] = summary["central"]
-    console.print(_table(f"{summary.get('experiment')}: final metrics after "
-                         f"{summary.get('rounds')} rounds", rows, ORDER))
+    if summary.get("test_set"):
+        scored = summary.get("scored", {})
+        rows[f"test set ({scored.get('num-examples')} samples)"] = summary["test_set"]
+    console.print(_table(_title(summary), rows, ORDER))
     if summary.get("privacy"):
         console.print(_table("privacy spent per hospital (cumulative over all rounds)",
                              summary["privacy"], PRIVACY_ORDER))
-    console.print(f"wall time {summary.get('wall_time_s', 0):.1f} s | run folder: {run_dir}")
+    wall = summary.get("wall_time_s")
+    timing = "" if wall is None else f"wall time {wall:.1f} s | "
+    console.print(f"{timing}run folder: {run_dir}")
+
+
+def _title(summary: dict[str, Any]) -> str:
+    """What the figures are of: a scoring, a baseline's epochs, or a run's rounds."""
+    name = summary.get("experiment")
+    if "scored" in summary:
+        scored = summary["scored"]
+        return f"{name}: scores on {scored.get('path', 'the run data')}"
+    if "epochs_trained" in summary:
+        return f"{name}: final metrics after {summary['epochs_trained']} epochs"
+    return f"{name}: final metrics after {summary.get('rounds')} rounds"

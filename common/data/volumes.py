@@ -80,7 +80,7 @@ class VolumeSamples:
     volume: np.ndarray
 
 
-def _mask_of(image: Path, labels_dir: Path) -> Path:
+def mask_of(image: Path, labels_dir: Path) -> Path:
     """The mask of ``image``: same name (MSD), or without nnU-Net's ``_0000`` channel tag."""
     ext = suffix(image)
     stem = image.name[: -len(ext)]
@@ -99,19 +99,22 @@ def _mask_of(image: Path, labels_dir: Path) -> Path:
                     kind=MISSING_FILE, file=image)
 
 
-def pairs(folder: Path) -> list[tuple[Path, Path]]:
+def pairs(folder: Path, subset: str = "Tr") -> list[tuple[Path, Path]]:
     """``(image, mask)`` paths of a MSD / nnU-Net folder, matched by file name.
+
+    ``subset`` ``Tr`` reads ``imagesTr/`` + ``labelsTr/``; ``Ts`` the test pair.
 
     Raises:
         DataError: missing folder or sub-folder, an image without a mask, or
             no images at all.
     """
-    images_dir, labels_dir = folder / "imagesTr", folder / "labelsTr"
+    images_dir, labels_dir = folder / f"images{subset}", folder / f"labels{subset}"
     if not folder.is_dir():
         raise DataError(f"data folder {folder} not found", kind=LAYOUT, file=folder)
     for sub in (images_dir, labels_dir):
         if not sub.is_dir():
-            raise DataError(f"{folder} lacks {sub.name}/ (expected imagesTr/ and labelsTr/)",
+            raise DataError(f"{folder} lacks {sub.name}/ (expected images{subset}/ and "
+                            f"labels{subset}/)",
                             kind=LAYOUT, file=sub)
     found = []
     for image in sorted(p for p in images_dir.iterdir() if not p.name.startswith(".")):
@@ -119,7 +122,7 @@ def pairs(folder: Path) -> list[tuple[Path, Path]]:
             raise DataError(f"{image}: unknown volume extension {suffix(image)!r}; "
                             "imagesTr/ holds NIfTI files (.nii, .nii.gz)", kind=INCOMPATIBLE,
                             file=image)
-        found.append((image, _mask_of(image, labels_dir)))
+        found.append((image, mask_of(image, labels_dir)))
     if not found:
         raise DataError(f"{images_dir} holds no NIfTI images (.nii/.nii.gz)", kind=LAYOUT,
                         file=images_dir)
@@ -234,7 +237,7 @@ def check_volume_task(folder: Path, settings: Settings) -> None:
                         "3D tasks patches or volume", kind=INCOMPATIBLE)
 
 
-def load_samples(folder: Path, settings: Settings) -> VolumeSamples:
+def load_samples(folder: Path, settings: Settings, *, subset: str = "Tr") -> VolumeSamples:
     """Every sample of every volume in ``folder`` (see the module docstring).
 
     Raises:
@@ -245,7 +248,7 @@ def load_samples(folder: Path, settings: Settings) -> VolumeSamples:
     """
     check_volume_task(folder, settings)
     images, masks, volume_ids = [], [], []
-    for index, (image_path, mask_path) in enumerate(pairs(folder)):
+    for index, (image_path, mask_path) in enumerate(pairs(folder, subset)):
         x, y = volume_samples(load_volume(image_path, mask_path, settings), settings)
         images.append(x)
         masks.append(y)
