@@ -7,7 +7,10 @@ exactly as it would leave the hospital. What may leave:
   names, array keys, shapes and dtypes of the ArrayRecords received, finite
   values only, plus MetricRecords of finite ``int``/``float`` scalars;
 - a reply to any other message (``evaluate``, ``query``): MetricRecords of
-  finite scalars only;
+  finite scalars only, except the ROC counts of an evaluation
+  (:data:`common.wire.ROC_LISTS`): each exactly
+  :data:`common.intervals.GRID_SIZE` whole, non-negative counts of images,
+  non-increasing along the threshold grid;
 - metric names only from the hospital's ``allowed-metrics`` (its node
   config; default: what MedFed sends), and in a DP-SGD run's training reply
   only :data:`common.wire.DP_TRAIN_METRICS` (the privacy figures, the count
@@ -16,7 +19,7 @@ exactly as it would leave the hospital. What may leave:
   :data:`MAX_REASON` characters).
 
 Anything else (an extra or missing array, a reshaped or recast one, a NaN,
-a ConfigRecord of strings, a list-valued metric) is refused: the guard logs
+a ConfigRecord of strings, any other list-valued metric) is refused: the guard logs
 why at the hospital and sends an error reply with code :data:`REFUSED`
 instead, so none of it leaves. An exception raised inside the ClientApp is
 logged at the hospital and leaves only as its type name, because exception
@@ -37,6 +40,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from client.hospital import allowed_metrics
 from common import wire
 from common.config import settings_from_json
+from common.intervals import GRID_SIZE
 from common.logs import medfed_logger
 
 REFUSED = 4003
@@ -102,19 +106,37 @@ def metric_policy(msg: Message, context: Context) -> frozenset[str]:
     return allowed
 
 
+def _checked_value(key: str, name: str, value: object) -> int | float | list[int]:
+    """A metric value as sent: a finite number, or for a ROC-count key
+    (:data:`common.wire.ROC_LISTS`) exactly ``GRID_SIZE`` non-negative whole
+    counts that never grow with the threshold; no other list leaves."""
+    if isinstance(value, list):
+        if key not in wire.ROC_LISTS:
+            raise RefusedReplyError(f"metric {key!r} in {name!r} is not a single number")
+        whole = all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+        counts = [int(v) for v in value] if whole else []
+        if len(counts) != GRID_SIZE or any(a < b for a, b in zip(counts, counts[1:],
+                                                                   strict=False)):
+            raise RefusedReplyError(f"metric {key!r} in {name!r} is not {GRID_SIZE} "
+                                    "non-increasing whole counts")
+        return counts
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RefusedReplyError(f"metric {key!r} in {name!r} is not a single number")
+    if not math.isfinite(value):
+        raise RefusedReplyError(f"metric {key!r} in {name!r} is not a finite number")
+    return value
+
+
 def _checked_metrics(name: str, record: MetricRecord,
                      allowed: frozenset[str] | None) -> MetricRecord:
-    """``record`` rebuilt from its values, if every one is a finite scalar named in ``allowed``."""
-    clean: dict[str, int | float] = {}
+    """``record`` rebuilt from its values, if every one is a finite number (or ROC counts)
+    named in ``allowed``."""
+    clean: dict[str, int | float | list[int]] = {}
     for key, value in record.items():
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RefusedReplyError(f"metric {key!r} in {name!r} is not a single number")
-        if not math.isfinite(value):
-            raise RefusedReplyError(f"metric {key!r} in {name!r} is not a finite number")
+        clean[key] = _checked_value(key, name, value)
         if allowed is not None and key not in allowed:
             raise RefusedReplyError(f"metric {key!r} in {name!r} is not one this hospital lets "
                                     f"leave (node config {wire.ALLOWED_METRICS})")
-        clean[key] = value
     return MetricRecord(clean)  # type: ignore[arg-type]
 
 

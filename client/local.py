@@ -13,6 +13,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -25,6 +26,7 @@ from common.augment import augmented
 from common.config import Settings, settings_from_json, settings_to_json
 from common.data import SiteData, load_site
 from common.evaluation import evaluate
+from common.intervals import Bootstrap
 from common.models import build_model
 from common.schedule import round_lr
 from common.training import loss_class_weights, make_optimizer, resolve_device, train_epochs
@@ -231,7 +233,7 @@ def train_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
 
 
 def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict, *,
-                   validate: bool = False) -> dict[str, float]:
+                   validate: bool = False) -> dict[str, Any]:
     """Score the global model on this hospital's held-out test split.
 
     The test split never takes part in training; when a hospital has none,
@@ -246,19 +248,31 @@ def evaluate_round(settings: Settings, hospital: Hospital, weights: StateDict, *
 
     Returns:
         Metric name to value (see :mod:`common.evaluation`), with
-        ``num-examples`` and ``hospital``.
+        ``num-examples`` and ``hospital``: on the test split with bootstrap
+        intervals (seeded by the experiment's seed and the hospital) and, for
+        two classes, the ROC counts (``roc-tp``, ``roc-fp``); on the validation
+        split the ROC counts too, from which the server chooses the threshold.
     """
     device = _device(settings, hospital)
     model = load_global(settings, weights, device)
     data = site_data(settings, hospital)
     split = data.test if len(data.test) > 0 else data.val  # type: ignore[arg-type]
+    boot = Bootstrap(settings.evaluation.bootstrap, settings.evaluation.confidence,
+                     seed=settings.seed + hospital.index)
     metrics = evaluate(model, _loader(split, settings, shuffle=False, seed=0),
-                       task=settings.task, device=device)
+                       task=settings.task, device=device, boot=boot, roc=True)
     if validate and len(data.val) > 0:  # type: ignore[arg-type]
         scores = evaluate(model, _loader(data.val, settings, shuffle=False, seed=0),
-                          task=settings.task, device=device)
+                          task=settings.task, device=device, roc=True)
         metrics.update({wire.VALIDATION_PREFIX + k: v for k, v in scores.items()})
     metrics[wire.HOSPITAL] = float(hospital.index)
     metrics[wire.UNIT_WEIGHT] = 1.0
     # An undefined figure (AUC on one class, HD95 with empty masks) is left out
-    return {k: v for k, v in metrics.items() if math.isfinite(v)}
+    return {k: v for k, v in metrics.items() if defined(v)}
+
+
+def defined(value: object) -> bool:
+    """Whether a metric value can be sent: a finite number or a list of counts."""
+    if isinstance(value, list):
+        return True
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -58,9 +58,24 @@ without noise (no loss, no timing)."""
 TRAIN_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, TRAIN_LOSS, TRAIN_STEPS,
                            TRAIN_SECONDS})
 """What a training reply carries without DP-SGD."""
-EVALUATE_METRICS = frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, "loss", "accuracy", "auc",
-                              "sensitivity", "specificity", "dice", "hd95"})
-"""What an evaluation reply may carry (see :mod:`common.evaluation`)."""
+CLINICAL_METRICS = ("auc", "accuracy", "sensitivity", "specificity", "dice", "hd95")
+"""The metrics reported with confidence intervals."""
+CI_LOW, CI_HIGH = "-ci-low", "-ci-high"
+"""Suffixes of a metric's interval bounds (``auc-ci-low``, ``auc-ci-high``)."""
+ROC_TP, ROC_FP = "roc-tp", "roc-fp"
+"""Lists of true / false positives at each threshold of the ROC grid (two classes);
+element 0 (threshold 0) is the number of positive / negative images."""
+ROC_LISTS = frozenset({ROC_TP, ROC_FP, "val-" + ROC_TP, "val-" + ROC_FP})
+"""The only metrics that are lists (of image counts), on the test and validation splits."""
+MAX_PER_CLASS = 16
+"""Classes whose per-class metrics (``auc-class-k``, ...) a reply may carry."""
+INTERVAL_METRICS = frozenset(m + side for m in CLINICAL_METRICS for side in (CI_LOW, CI_HIGH))
+PER_CLASS_METRICS = frozenset(f"{m}-class-{k}" for m in ("auc", "sensitivity", "specificity")
+                              for k in range(MAX_PER_CLASS))
+EVALUATE_METRICS = (frozenset({NUM_EXAMPLES, HOSPITAL, UNIT_WEIGHT, "loss", *CLINICAL_METRICS,
+                               ROC_TP, ROC_FP}) | INTERVAL_METRICS | PER_CLASS_METRICS)
+"""What an evaluation reply may carry (see :mod:`common.evaluation`): the lists
+``roc-tp``/``roc-fp`` are counts of images, aggregate figures like the others."""
 VALIDATION_PREFIX = "val-"
 """Prefix of the evaluation metrics a hospital computes on its validation split."""
 VAL_NUM_EXAMPLES = VALIDATION_PREFIX + NUM_EXAMPLES

@@ -15,11 +15,13 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from common import wire
 from common.config import Settings, settings_from_json
+from common.export import export_run
 from common.logs import medfed_logger
 from common.models import check_dp_trainable
 from server.central import central_evaluator
@@ -31,13 +33,16 @@ from server.checkpoint import (
     restore_strategy_state,
 )
 from server.client_dp import RELEASES, Release, wrap_client_level
+from server.clinical import clinical_summary
 from server.initial_model import initial_model
 from server.personalisation import extend_summary, personalise
 from server.prompt_grid import PromptGrid
 from server.report import RunRecorder
 from server.round_end import RoundEnd
-from server.selection import STATE_KEY, EarlyStop, Selection
+from server.run_report import write_report_safely
+from server.selection import BEST_MODEL, STATE_KEY, EarlyStop, Selection
 from server.strategy import build_strategy
+from server.tracking import open_tracker
 
 ERROR_FILE = "error.txt"
 
@@ -84,7 +89,8 @@ def run(grid: Grid, settings: Settings) -> dict:
     started = time.perf_counter()
     run_dir = Path(settings.run_dir)
     rounds = settings.federation.rounds
-    recorder = RunRecorder(run_dir, settings.task.kind, rounds, hospital_names(settings))
+    recorder = RunRecorder(run_dir, settings.task.kind, rounds, hospital_names(settings),
+                           tracker=open_tracker(settings))
 
     # Initial global model (checked trainable with DP-SGD before any hospital
     # starts), or the last completed round of an interrupted run
@@ -126,8 +132,12 @@ def run(grid: Grid, settings: Settings) -> dict:
             stopped_early = True
     summary = finish(settings, recorder, round_end, stopped_early=stopped_early,
                      wall_time_s=time.perf_counter() - started)
-    return extend_summary(run_dir, summary, transfer=transfer, personalised=personalise(
+    summary = extend_summary(run_dir, summary, transfer=transfer, personalised=personalise(
         PromptGrid(grid), settings, round_end.weights, recorder))
+    export_run(run_dir, settings, round_end.weights, summary.get("threshold"))  # RUN_DIR/model
+    recorder.close_tracker()
+    write_report_safely(run_dir)  # report.html (a failure is only a warning)
+    return summary
 
 
 def finish(settings: Settings, recorder: RunRecorder, round_end: RoundEnd, *,
@@ -138,6 +148,13 @@ def finish(settings: Settings, recorder: RunRecorder, round_end: RoundEnd, *,
     selection = round_end.selection.summary(stopped_early=stopped_early)
     summary = recorder.write_summary(experiment=settings.name, rounds=round_end.last_round,
                                      wall_time_s=wall_time_s, selection=selection)
+    best = run_dir / BEST_MODEL
+    chosen = (torch.load(best, map_location="cpu", weights_only=True) if best.is_file()
+              else round_end.weights)
+    summary = clinical_summary(settings, summary, chosen)  # threshold, intervals, central
+    if "threshold" in summary:
+        log.info("[MedFed] decision threshold %.2f (%s, %s)", summary["threshold"]["value"],
+                 summary["threshold"]["method"], summary["threshold"]["chosen_on"])
     log.info("[MedFed] finished %d of %d rounds; run folder: %s", round_end.last_round,
              settings.federation.rounds, run_dir)
     if selection["round"] is not None:

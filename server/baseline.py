@@ -32,42 +32,74 @@ from common.compose import compose_settings, finalize, settings_yaml
 from common.config import ConfigError, Settings
 from common.data import load_central_test, load_pooled, load_site
 from common.evaluation import evaluate
+from common.export import export_run
+from common.intervals import Bootstrap, overall_intervals
 from common.logs import medfed_logger
 from common.models import build_model
 from common.schedule import epoch_lr, set_lr
 from common.training import loss_class_weights, make_optimizer, resolve_device, train_epochs
 from server.app import hospital_names
+from server.clinical import bootstrap_of, finite, intervals_note, two_classes
 from server.report import SUMMARY_FILE, atomic_write_text
+from server.run_report import write_report_safely
 from server.selection import EarlyStop, Selection
 from server.summary_table import print_summary
+from server.threshold import Threshold, at_threshold, choose, grid_index, without_counts
 
 log = medfed_logger()
 
 
-def score_everywhere(model: torch.nn.Module, settings: Settings, device: torch.device
-                     ) -> dict[str, Any]:
-    """Score ``model`` on each hospital's test split, overall and centrally.
+def score_everywhere(model: torch.nn.Module, settings: Settings, device: torch.device, *,
+                     threshold: float | None = None) -> dict[str, Any]:
+    """Score ``model`` on each hospital's test split, overall and centrally, with intervals.
+
+    Args:
+        threshold: two classes: the probability of class 1 from which it is predicted
+            (None: 0.5).
 
     Returns:
         ``{"hospitals": {name: metrics}, "overall": metrics, "central": metrics}``;
-        ``overall`` averages hospitals weighted by their test sizes.
+        ``overall`` averages hospitals weighted by their test sizes (intervals as
+        :mod:`server.clinical` describes).
     """
     batch = max(64, settings.data.batch_size)
-    hospitals: dict[str, dict[str, float]] = {}
+    boot = bootstrap_of(settings)
+    hospitals: dict[str, dict[str, Any]] = {}
     for index, name in enumerate(hospital_names(settings)):
         test = load_site(settings, index).test
         hospitals[name] = evaluate(model, DataLoader(test, batch_size=batch),
-                                   task=settings.task, device=device)
+                                   task=settings.task, device=device, threshold=threshold,
+                                   boot=Bootstrap(boot.resamples, boot.confidence,
+                                                  seed=boot.seed + index), roc=True)
     total = sum(m["num-examples"] for m in hospitals.values())
     keys = set.intersection(*(set(m) for m in hospitals.values())) - {"num-examples"}
+    keys -= wire.INTERVAL_METRICS | wire.ROC_LISTS
     overall = {k: sum(m[k] * m["num-examples"] for m in hospitals.values()) / total
                for k in sorted(keys)}
     overall["num-examples"] = total
+    overall.update(overall_intervals(list(hospitals.values()), "num-examples"))
+    if threshold is not None:
+        chosen = Threshold(threshold, grid_index(threshold), "given", "")
+        hospitals, overall = at_threshold(hospitals, overall, chosen, boot)
     central_set = load_central_test(settings) if settings.data.central_test else None
     central = ({} if central_set is None else
-               evaluate(model, DataLoader(central_set, batch_size=batch),
-                        task=settings.task, device=device))
-    return {"hospitals": hospitals, "overall": overall, "central": central}
+               evaluate(model, DataLoader(central_set, batch_size=batch), task=settings.task,
+                        device=device, boot=boot, threshold=threshold))
+    if central and threshold is not None:
+        central["threshold"] = threshold
+    return finite({"hospitals": {n: without_counts(m) for n, m in hospitals.items()},
+                   "overall": without_counts(overall), "central": central})
+
+
+def validation_threshold(model: torch.nn.Module, loader: DataLoader, settings: Settings,
+                         device: torch.device, round_: int | None) -> Threshold | None:
+    """The threshold chosen on the pooled validation splits (two classes only)."""
+    if not two_classes(settings):
+        return None
+    val = evaluate(model, loader, task=settings.task, device=device, roc=True)
+    where = "pooled validation splits (centralized" + (
+        f", round {round_})" if round_ is not None else ")")
+    return choose(val[wire.ROC_TP], val[wire.ROC_FP], settings.evaluation, where)
 
 
 def validate(model: torch.nn.Module, loader: DataLoader, settings: Settings,
@@ -135,13 +167,19 @@ def train_centralized(settings: Settings) -> dict[str, Any]:
     selection.save_best(run_dir)
     if selection.weights:
         model.load_state_dict(selection.weights)
+    chosen = selection.summary(stopped_early=stopped_early)
+    threshold = validation_threshold(model, val_loader, settings, device, chosen.get("round"))
     summary = {"experiment": f"{settings.name} (centralized)", "task": settings.task.kind,
-               "rounds": epochs, "epochs_trained": epoch,
-               "selection": selection.summary(stopped_early=stopped_early),
-               **score_everywhere(model, settings, device),
+               "rounds": epochs, "epochs_trained": epoch, "selection": chosen,
+               **({} if threshold is None else {"threshold": threshold.to_json()}),
+               "intervals": intervals_note(settings),
+               **score_everywhere(model, settings, device,
+                                  threshold=None if threshold is None else threshold.value),
                "wall_time_s": round(time.perf_counter() - started, 2),
                "train_time_s": round(train_seconds, 2)}
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    export_run(run_dir, settings, model.state_dict(), summary.get("threshold"))  # RUN_DIR/model
+    write_report_safely(run_dir)  # report.html (a failure is only a warning)
     return summary
 
 

@@ -53,6 +53,7 @@ from flwr.serverapp.strategy import (
 
 from common import wire
 from common.config import Settings, StrategyConfig
+from common.intervals import overall_intervals
 from server.influence import bound_influence
 from server.replies import ArraySpec, array_spec, evaluate_reply_problem, train_reply_problem
 from server.report import RunRecorder
@@ -69,30 +70,46 @@ def weighted_mean(replies: list[RecordDict], weighting_key: str) -> MetricRecord
     Validation metrics (``val-*``) are weighted by ``val-num-examples``
     instead when ``weighting_key`` is ``num-examples``. A metric missing
     (undefined) at some hospitals is averaged over those that have it; the
-    weighting keys are summed; identity keys are left out.
+    weighting keys are summed; identity keys are left out. Interval bounds
+    (``auc-ci-low``, ...) are not averaged: the overall interval is the normal
+    approximation of the weighted mean of independent hospitals
+    (:func:`common.intervals.combined_bounds`); ROC counts are summed.
     """
     val_key = wire.VAL_NUM_EXAMPLES if weighting_key == wire.NUM_EXAMPLES else weighting_key
     counted = {weighting_key, val_key}
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     counts = dict.fromkeys(counted, 0.0)
-    for content in replies:
-        metrics = content.metric_records[wire.METRICS]
+    records = [content.metric_records[wire.METRICS] for content in replies]
+    for metrics in records:
         for key in counted:
             counts[key] += wire.scalar(metrics.get(key, 0.0))
         for key, value in metrics.items():
-            if key in wire.IDENTITY_KEYS or key in counted or isinstance(value, list):
+            if key in wire.IDENTITY_KEYS or key in counted or isinstance(value, list) \
+                    or key in wire.INTERVAL_METRICS:
                 continue
             weight_key = val_key if key.startswith(wire.VALIDATION_PREFIX) else weighting_key
             weight = wire.scalar(metrics.get(weight_key, 0.0))
             if math.isfinite(wire.scalar(value)):
                 totals[key] = totals.get(key, 0.0) + weight * wire.scalar(value)
                 weights[key] = weights.get(key, 0.0) + weight
-    out = {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
+    out: dict[str, Any] = {key: totals[key] / weights[key] for key in totals if weights[key] > 0}
     out[weighting_key] = counts[weighting_key]
     if counts[val_key] > 0:
         out[val_key] = counts[val_key]
+    out.update(overall_intervals([dict(m) for m in records], weighting_key))
+    out.update(_summed_counts(records))
     return wire.metric_record(out)
+
+
+def _summed_counts(records: list[MetricRecord]) -> dict[str, list[int]]:
+    """ROC counts summed over hospitals (those whose lists have the common length)."""
+    out: dict[str, list[int]] = {}
+    for key in sorted(wire.ROC_LISTS):
+        lists = [list(v) for m in records if isinstance(v := m.get(key), list)]
+        if lists and len({len(v) for v in lists}) == 1:
+            out[key] = [int(sum(column)) for column in zip(*lists, strict=True)]
+    return out
 
 
 def as_float32(arrays: ArrayRecord) -> ArrayRecord:

@@ -129,7 +129,7 @@ INF = np.full((2, 3), -np.inf, dtype=np.float32)
                  "not a finite number", id="inf-metric"),
     pytest.param(RecordDict({wire.ARRAYS: arrays(),
                              wire.METRICS: MetricRecord({"pixels": [0.1, 0.9, 0.4]})}),
-                 "not a single number", id="list-metric"),
+                 "not a single number", id="list-metric"),  # only ROC counts may be lists
     pytest.param(RecordDict({wire.METRICS: metrics()}), "lacks the model arrays",
                  id="no-weights"),
 ])
@@ -240,3 +240,24 @@ def test_a_dp_sgd_training_reply_carries_no_loss_or_timing(tmp_path: Path) -> No
     # evaluation replies of the same run keep their metrics
     scores = RecordDict({wire.METRICS: metrics(auc=0.7)})
     assert not only_weights_mod(received("evaluate"), dp_run, replying(scores)).has_error()
+
+
+ROC = list(range(100, -1, -1))  # 101 non-increasing whole counts
+
+
+@pytest.mark.parametrize(("values", "problem"), [
+    pytest.param({wire.ROC_TP: ROC, wire.ROC_FP: ROC}, None, id="roc-counts-leave"),
+    pytest.param({wire.ROC_TP: [float(v) + 0.5 for v in ROC]}, "non-increasing whole counts",
+                 id="pixel-values-as-counts"),
+    pytest.param({wire.ROC_TP: list(range(101))}, "non-increasing", id="growing-counts"),
+    pytest.param({wire.ROC_TP: ROC[:50]}, "non-increasing", id="wrong-length"),
+    pytest.param({"roc-pixels": ROC}, "not a single number", id="other-list"),
+])
+def test_only_roc_counts_leave_as_lists(values: dict, problem: str | None) -> None:
+    reply = guarded(RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 10, **values})}),
+                    "evaluate")
+    if problem is None:
+        assert not reply.has_error()
+        assert dict(reply.content[wire.METRICS])[wire.ROC_TP] == ROC
+    else:
+        assert problem in reason(reply)

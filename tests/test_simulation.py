@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -31,6 +32,19 @@ def test_default_simulation_end_to_end(tmp_path: Path) -> None:
     for metrics in summary["hospitals"].values():
         assert 0.0 <= metrics["auc"] <= 1.0 and metrics["num-examples"] > 0
     assert summary["central"]["auc"] > 0.5
+    # the threshold is chosen on the pooled validation splits; every clinical figure has
+    # its interval; the ROC counts stay in metrics.jsonl
+    threshold = summary["threshold"]
+    assert threshold["method"] == "youden" and "pooled validation" in threshold["chosen_on"]
+    for site in [*summary["hospitals"].values(), summary["overall"], summary["central"]]:
+        assert site["threshold"] == threshold["value"]
+        for name in ("auc", "accuracy", "sensitivity", "specificity"):
+            low, high = site[f"{name}-ci-low"], site[f"{name}-ci-high"]
+            assert low is None or low <= site[name] <= high
+        assert "roc-tp" not in site and "val-roc-tp" not in site
+    assert summary["intervals"]["resamples"] == 500
+    with np.load(run_dir / "central_predictions.npz") as central:
+        assert central["probs"].shape == (summary["central"]["num-examples"], 2)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     phases = {(r["round"], r["phase"]) for r in rows}
     assert phases >= {(1, "train"), (2, "evaluate"), (2, "central")}
