@@ -18,8 +18,11 @@ import os
 import sys
 from pathlib import Path
 
+from common.atomic import atomic_file
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, FederationConfig, Settings
+from common.data import DataError, site_folders
+from common.data.check import check_folder
 from common.logs import medfed_logger
 from common.participation import taking_part
 from common.processes import (
@@ -29,6 +32,7 @@ from common.processes import (
     stop_children_on_signals,
     wait_for_port,
 )
+from server.app import ERROR_FILE
 from server.runner import Connection, RunFailedError, flwr_bin, submit_and_follow
 from server.summary_table import print_summary
 
@@ -84,6 +88,39 @@ def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = P
         )
 
 
+def refuse_data(settings: Settings) -> bool:
+    """Check every simulated hospital's folder before Flower starts; True on errors.
+
+    The errors go to the terminal and to the run folder's ``error.txt`` (each
+    file named). Synthetic and MedMNIST sources have no hospital folder to check.
+    """
+    if settings.data.source != "folder":
+        return False
+    root = Path(str(settings.data.path))
+    try:
+        folders = (dict(enumerate(site_folders(settings))) if settings.data.split == "natural"
+                   else {0: root})
+    except DataError as err:
+        lines = [f"[{err.kind}] {err}"]
+    else:
+        lines = []
+        for hospital, folder in folders.items():
+            if hospital in taking_part(settings) or settings.data.split != "natural":
+                report = check_folder(folder, settings, hospital=hospital)
+                for line in report.lines():
+                    log.info("[MedFed] %s", line)
+                lines += [f"[{p.kind}] {p.message}" for p in report.errors]
+    if lines:
+        text = f"{len(lines)} data problem(s); no Flower process was started:\n" + "\n".join(
+            f"  {line}" for line in lines)
+        run_dir = Path(settings.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_file(run_dir / ERROR_FILE, "w") as handle:
+            handle.write(text + "\n")
+        print(f"error: {text}", file=sys.stderr)
+    return bool(lines)
+
+
 def main(argv: list[str]) -> int:
     """Command line: Hydra overrides in, exit code out (0 = run completed)."""
     if any(a in ("-h", "--help") for a in argv):
@@ -100,6 +137,8 @@ def main(argv: list[str]) -> int:
         settings = finalize(compose_settings(overrides), base=Path.cwd())
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    if refuse_data(settings):
         return 2
     try:
         summary = simulate(settings, verbose=verbose)

@@ -201,6 +201,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "apps": ("client.approval", "list the app bundles offered to this hospital and approved"),
     "approve": ("client.approval", "approve an app bundle by its hash"),
     "audit": ("client.audit", "print and verify this hospital's record of what left it"),
+    "check": ("client.check", "check a data folder: every problem at once, counts per class"),
 }
 """``python -m client NAME ...``: commands beside running the node."""
 
@@ -224,6 +225,8 @@ def main(argv: list[str]) -> int:
     except NodeSetupError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if settings.data_path is not None and refuse_data(Path(settings.data_path), settings):
+        return 2
     stop_children_on_signals()
     start_watchdog()  # the node, the runner and its tasks die with this process, even on SIGKILL
     config = write_node_config(settings.node_config(), home / NODE_CONFIG_FILE)
@@ -244,6 +247,27 @@ def main(argv: list[str]) -> int:
     print(f"error: the node stopped (exit code {code}): {reason}; log: {home / 'node.log'}",
           file=sys.stderr)
     return code
+
+
+def refuse_data(folder: Path, settings: HospitalSettings) -> bool:
+    """Check the hospital's folder before the node starts; True (and the list) on errors."""
+    from client.check import folder_settings
+    from common.data.check import check_folder
+
+    split = settings.split
+    experiment, _ = folder_settings(folder, [f"seed={split.seed}",
+                                             f"data.val_fraction={split.val_fraction}",
+                                             f"data.test_fraction={split.test_fraction}",
+                                             f"data.slice_block={split.slice_block}"])
+    report = check_folder(folder, experiment, hospital=settings.partition_id,
+                          known_classes=False)
+    for line in report.lines():
+        log.info("[MedFed] %s: %s", settings.name, line)
+    if report.errors:
+        print(f"error: {folder} has {len(report.errors)} data problem(s); the node was not "
+              "started:\n" + "\n".join(f"  [{p.kind}] {p.message}" for p in report.errors),
+              file=sys.stderr)
+    return bool(report.errors)
 
 
 def attempt(settings: HospitalSettings, link: Link, config: Path, home: Path, port: int,
