@@ -106,3 +106,18 @@ def test_simulate_exits_2_before_any_flower_process(xrays: Path, volumes: Path,
     after = {p.pid for p in psutil.Process().children(recursive=True)}
     assert after <= before
     assert not (run / "superlink.log").exists() and not (seg_run / "superlink.log").exists()
+
+
+def test_a_node_refuses_to_start_on_bad_data(xrays: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from client.__main__ import main as node_main
+
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    code = node_main(["--data-path", str(xrays), "--insecure", "--superlink", "127.0.0.1:9",
+                      "--name", "site-a", "--partition-id", "0", "--num-partitions", "1",
+                      "--home", str(tmp_path / "home")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "the node was not started" in err and "broken.jpg" in err and "worded.png" in err
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    assert not (tmp_path / "home" / "node.log").exists()
