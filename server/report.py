@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ class RunRecorder:
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)
     central: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    tracker: Any = None  # server.tracking.Tracker: gets every row written (tracking=...)
 
     def __post_init__(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,6 +89,14 @@ class RunRecorder:
         with open(self.run_dir / METRICS_FILE, "a") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_rows(rows)
+
+    def close_tracker(self) -> None:
+        """Close the tracker (end of the run); later rows go to metrics.jsonl only."""
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def write_rows(self, report: RoundReport) -> None:
         """Write a completed round's rows to ``metrics.jsonl``.
@@ -232,3 +242,25 @@ def _summary_rows(evaluate: dict[str, dict[str, Any]], central: dict[str, Any]
                           if name != "overall"},
             "overall": plain(evaluate.get("overall", {})),
             "central": central}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m server.report RUN_DIR``: rebuild the run folder's ``report.html``."""
+    import argparse
+
+    from server.run_report import build_report
+
+    parser = argparse.ArgumentParser(prog="python -m server.report",
+                                     description="Rebuild RUN_DIR/report.html.")
+    parser.add_argument("run_dir", type=Path, help="a run folder (with summary.json)")
+    args = parser.parse_args(argv)
+    try:
+        print(build_report(args.run_dir))
+    except (OSError, ValueError, KeyError) as err:
+        print(f"report error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
