@@ -202,6 +202,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "approve": ("client.approval", "approve an app bundle by its hash"),
     "audit": ("client.audit", "print and verify this hospital's record of what left it"),
     "check": ("client.check", "check a data folder: every problem at once, counts per class"),
+    "predict": ("client.predict", "apply an exported model to DICOM, NIfTI, PNG/JPEG files"),
 }
 """``python -m client NAME ...``: commands beside running the node."""
 
