@@ -51,10 +51,15 @@ class Problem:
 
 @dataclass
 class Report:
-    """What a check found: problems, samples per class and per split, time taken (s)."""
+    """What a check found: problems, samples, per class and per split, time taken (s).
+
+    Per class: samples of the class (classification), samples whose mask holds
+    it (segmentation).
+    """
 
     folder: Path
     problems: list[Problem] = field(default_factory=list)
+    samples: int = 0
     class_counts: list[int] = field(default_factory=list)
     split_counts: dict[str, list[int]] = field(default_factory=dict)
     seconds: float = 0.0
@@ -70,7 +75,7 @@ class Report:
 
     def lines(self) -> list[str]:
         """The report as text lines: counts, then one line per problem."""
-        lines = [f"{self.folder}: {sum(self.class_counts)} samples, per class "
+        lines = [f"{self.folder}: {self.samples} samples, per class "
                  f"{self.class_counts}; checked in {self.seconds:.1f} s"]
         lines += [f"  {split}: per class {counts}" for split, counts in self.split_counts.items()]
         lines += [f"  {'WARNING' if p.warning else 'ERROR'} [{p.kind}] {p.message}"
@@ -196,6 +201,7 @@ def check_folder(folder: Path, settings: Settings, *, hospital: int = 0,
         classes = (settings.task.num_classes if known_classes
                    else max(2, int(targets.max()) + 1))
         report.class_counts = _counts(targets, classes, segmentation)
+        report.samples = len(targets)
         try:
             site = (split_samples(folder.name, found, settings, hospital)
                     if isinstance(found, VolumeSamples)
