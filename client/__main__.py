@@ -201,6 +201,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "apps": ("client.approval", "list the app bundles offered to this hospital and approved"),
     "approve": ("client.approval", "approve an app bundle by its hash"),
     "audit": ("client.audit", "print and verify this hospital's record of what left it"),
+    "explain": ("client.explain", "Grad-CAM heatmaps of a model over this hospital's images"),
     "check": ("client.check", "check a data folder: every problem at once, counts per class"),
     "predict": ("client.predict", "apply an exported model to DICOM, NIfTI, PNG/JPEG files"),
 }

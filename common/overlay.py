@@ -52,7 +52,7 @@ def overlay(image: np.ndarray, heat: np.ndarray, peak: tuple[int, int] | None = 
     blend = (1 - alpha) * _grey(image) + alpha * colour_map(heat)
     panel = Image.fromarray(blend.astype(np.uint8), mode="RGB")
     scale = max(1, -(-MIN_SIDE // min(image.shape)))
-    panel = panel.resize((image.shape[1] * scale, image.shape[0] * scale), Image.NEAREST)
+    panel = panel.resize((image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.NEAREST)
     if peak is not None:
         row, col = (peak[0] + 0.5) * scale, (peak[1] + 0.5) * scale
         arm = max(4, scale)
@@ -97,7 +97,7 @@ def montage(volume: np.ndarray, heat: np.ndarray, peak: tuple[int, ...]) -> Imag
 
 
 def explanation_png(image: np.ndarray, heat: np.ndarray, peak: tuple[int, ...]) -> Image.Image:
-    """The overlay of one image ``[C, *spatial]`` (channels averaged): a panel (2D) or montage (3D)."""
+    """The overlay of one image ``[C, *spatial]`` (channels averaged): panel (2D), montage (3D)."""
     grey = image.mean(axis=0)
     if grey.ndim == 2:
         return overlay(grey, heat, (peak[0], peak[1]))

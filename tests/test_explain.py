@@ -17,6 +17,7 @@ from common.explain_output import write_explanations
 from common.models import build_model
 from common.overlay import explanation_png
 from common.training import make_optimizer, train_epochs
+from tests.conftest import PNEUMONIA, ROOT, needs_shared
 
 PAD = 4  # zero columns (2D) / slabs (3D) on each side, as the readers pad to an aspect ratio
 
@@ -94,7 +95,7 @@ def test_every_classifier_has_a_target_layer(name: str, dims: int) -> None:
     assert layer == {"cnn": "net.layer_2", "densenet121": "class_layers.relu"}.get(name, "layer4")
     assert target_layer(net) == layer  # the structure alone finds it too
     (result,) = Explainer(net, model_name=name).explain(torch.rand(1, 1, *size))
-    assert result.heatmap.shape == tuple(size) and 0 <= result.heatmap.min()
+    assert result.heatmap.shape == tuple(size) and result.heatmap.min() >= 0
     assert result.probs.shape == (2,) and abs(float(result.probs.sum()) - 1) < 1e-5
 
 
@@ -133,3 +134,75 @@ def test_overlay_pngs_and_csv(tmp_path: Path) -> None:
             assert png.format == "PNG" and png.width > 2 * png.height > 0  # a 3-panel montage
     picture = explanation_png(np.random.rand(1, 20, 30), np.random.rand(20, 30), (3, 4))
     assert picture.width == 30 * 12 and picture.height == 20 * 12
+
+
+@needs_shared(PNEUMONIA)
+def test_client_explain_on_pneumoniamnist(tmp_path: Path) -> None:
+    from client.__main__ import main as client_main
+    from common.compose import compose_settings, finalize
+    from common.data.medmnist import load_split
+    from common.export import export_model
+    from server.explain import main as server_explain
+
+    settings = finalize(compose_settings(["data.source=medmnist", f"data.path={PNEUMONIA}",
+                                          "model.channels=[8,16]",
+                                          f"run_dir={tmp_path / 'run'}"]), base=ROOT)
+    x, y = load_split(PNEUMONIA, "train", settings.task)
+    net = _trained(settings.task, settings.model, x[:512], y[:512], 2)
+    export_model(tmp_path / "run", settings, net.state_dict(), threshold=None,
+                 weights_from="best_model.pt")
+    out = tmp_path / "explain"
+    code = client_main(["explain", "--model", str(tmp_path / "run"), "--data-path",
+                        str(PNEUMONIA), "--out", str(out), "--limit", "6",
+                        "--method", "gradcampp"])
+    assert code == 0
+    rows = list(csv.DictReader((out / "predictions.csv").open()))
+    assert len(rows) == 6 and rows[0]["sample"] == "test:0"
+    for row in rows:
+        assert row["true_label"] in ("0", "1") and row["predicted"] in ("0", "1")
+        assert 0 <= int(row["peak_0"]) < 28 and 0 <= int(row["peak_1"]) < 28
+        with Image.open(out / row["png"]) as png:
+            assert png.size == (28 * 8, 28 * 8)
+    assert server_explain([str(tmp_path / "run"), "--limit", "3"]) == 0
+    assert len(list((tmp_path / "run" / "explain").glob("*.png"))) == 3
+    assert client_main(["explain", "--model", str(tmp_path / "nothing"), "--data-path",
+                        str(PNEUMONIA), "--out", str(out)]) == 2
+
+
+@needs_shared(PNEUMONIA)
+def test_client_explain_on_a_hospital_folder_of_pngs(tmp_path: Path) -> None:
+    from client.__main__ import main as client_main
+    from common.compose import compose_settings, finalize
+    from common.export import export_model
+
+    with np.load(PNEUMONIA) as npz:
+        images, labels = npz["test_images"][:20], npz["test_labels"][:20, 0]
+    folder = tmp_path / "site"
+    folder.mkdir()
+    lines = ["image,label"]
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image).save(folder / f"xray{i}.png")
+        lines.append(f"xray{i}.png,{int(label)}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    settings = finalize(compose_settings(["data.source=medmnist", f"data.path={PNEUMONIA}",
+                                          "model.channels=[8,16]",
+                                          f"run_dir={tmp_path / 'run'}"]), base=ROOT)
+    net = build_model(settings.task, settings.model, seed=0)
+    export_model(tmp_path / "run", settings, net.state_dict(), threshold=None,
+                 weights_from="final_model.pt")
+    for split, expected in (("test", 4), ("all", 20)):
+        out = tmp_path / f"out-{split}"
+        assert client_main(["explain", "--model", str(tmp_path / "run" / "model"),
+                            "--data-path", str(folder), "--out", str(out),
+                            "--split", split, "--class", "1"]) == 0
+        rows = list(csv.DictReader((out / "predictions.csv").open()))
+        assert len(rows) == expected and all(r["explained_class"] == "1" for r in rows)
+        for row in rows:  # each row names its file and carries that file's label
+            number = int(row["sample"].removeprefix("xray").removesuffix(".png"))
+            assert int(row["true_label"]) == int(labels[number])
+            assert (out / row["png"]).is_file()
+    single = tmp_path / "single"
+    assert client_main(["explain", "--model", str(tmp_path / "run"), "--data-path",
+                        str(folder / "xray3.png"), "--out", str(single)]) == 0
+    (row,) = csv.DictReader((single / "predictions.csv").open())
+    assert row["sample"] == "xray3.png" and row["true_label"] == ""
