@@ -54,9 +54,10 @@ def split_metrics(metrics: Mapping[str, Any]) -> tuple[Scores, Scores | None]:
     """A reply's metrics as (global model's, personalised model's or None if skipped)."""
     own = {k: float(v) for k, v in metrics.items()
            if k not in wire.IDENTITY_KEYS and not k.startswith(wire.PERSONAL_PREFIX)
-           and not k.startswith(wire.VALIDATION_PREFIX)}
+           and not k.startswith(wire.VALIDATION_PREFIX) and not isinstance(v, list)}
     personal = {k[len(wire.PERSONAL_PREFIX):]: float(v) for k, v in metrics.items()
-                if k.startswith(wire.PERSONAL_PREFIX) and k != wire.PERSONAL_EPOCHS}
+                if k.startswith(wire.PERSONAL_PREFIX) and k != wire.PERSONAL_EPOCHS
+                and not isinstance(v, list)}
     return own, (personal or None)
 
 
