@@ -78,9 +78,10 @@ def segment_volume(exported: ExportedModel, image: torch.Tensor) -> np.ndarray:
     """Class mask on ``image``'s own grid (``[X, Y, Z]`` uint8), via training's preprocessing.
 
     The volume is reoriented, resampled and scaled as in training, slices are
-    padded and resized as in training, the network runs slice by slice, and
-    the mask goes back: resized (nearest) and cropped, then resampled with
-    nearest interpolation onto the input's affine and shape.
+    padded and resized as in training, the network runs slice by slice (MONAI's
+    sliding-window inference with one-slice windows), and the mask goes back:
+    resized (nearest) and cropped, then resampled with nearest interpolation
+    onto the input's affine and shape.
     """
     settings = exported.settings
     volume = prepare_volume({"image": image, "label": torch.zeros_like(image)},
@@ -96,13 +97,33 @@ def segment_volume(exported: ExportedModel, image: torch.Tensor) -> np.ndarray:
     canvas = torch.zeros(stack.shape[0], *padded)
     canvas[:, pad[0]:pad[0] + plane[0], pad[1]:pad[1] + plane[1]] = stack
     slices = resize_image(canvas, size).unsqueeze(1)
-    with torch.no_grad():
-        pred = torch.cat([exported.model(slices[i:i + 16]).argmax(1)
-                          for i in range(0, len(slices), 16)])
+    pred = slice_windows(exported.model, slices)
     back = resize_mask(pred, padded)[:, pad[0]:pad[0] + plane[0], pad[1]:pad[1] + plane[1]]
     mask = MetaTensor(back.movedim(0, axis)[None].float(), affine=processed)
     matched = ResampleToMatch(mode="nearest")(mask, img_dst=image)
     return np.asarray(convert_to_tensor(matched, track_meta=False)[0].round(), dtype=np.uint8)
+
+
+def slice_windows(model: torch.nn.Module, slices: torch.Tensor) -> torch.Tensor:
+    """A 2D network over a stack of slices ``[D, C, H, W]``, as MONAI sliding-window
+    inference of the volume ``[1, C, H, W, D]`` with one-slice windows ``(H, W, 1)``.
+
+    Returns:
+        The class of every pixel, ``[D, H, W]``.
+    """
+    from monai.inferers import SlidingWindowInferer
+
+    volume = slices.permute(1, 2, 3, 0)[None]  # [1, C, H, W, D]
+    inferer = SlidingWindowInferer(roi_size=(*slices.shape[2:], 1), sw_batch_size=16,
+                                   overlap=0.0)
+
+    def on_slices(window: torch.Tensor) -> torch.Tensor:  # [B, C, H, W, 1]
+        return model(window[..., 0])[..., None]
+
+    with torch.no_grad():
+        logits = inferer(volume, on_slices)
+    assert isinstance(logits, torch.Tensor)
+    return logits[0].argmax(0).permute(2, 0, 1)
 
 
 def _processed_grid(image: torch.Tensor, settings: Settings) -> torch.Tensor:

@@ -36,8 +36,17 @@ def _table(title: str, rows: dict[str, dict[str, Any]], order: tuple[str, ...]) 
     for key in keys:
         table.add_column(key, justify="right")
     for name, row in rows.items():
-        table.add_row(name, *(_fmt(row.get(k, MISSING)) for k in keys))
+        table.add_row(name, *(_cell(row, k) for k in keys))
     return table
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    """A value, with its interval ``[low, high]`` beneath when the row has one."""
+    text = _fmt(row.get(key, MISSING))
+    low, high = row.get(key + "-ci-low"), row.get(key + "-ci-high")
+    if isinstance(low, int | float) and isinstance(high, int | float):
+        text += f"\n[{low:.3f}, {high:.3f}]"
+    return text
 
 
 def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | None = None
@@ -53,6 +62,7 @@ def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | 
         scored = summary.get("scored", {})
         rows[f"test set ({scored.get('num-examples')} samples)"] = summary["test_set"]
     console.print(_table(_title(summary), rows, ORDER))
+    _print_threshold(summary, console)
     if summary.get("privacy"):
         console.print(_table("privacy spent per hospital (cumulative over all rounds)",
                              summary["privacy"], PRIVACY_ORDER))
@@ -69,4 +79,17 @@ def _title(summary: dict[str, Any]) -> str:
         return f"{name}: scores on {scored.get('path', 'the run data')}"
     if "epochs_trained" in summary:
         return f"{name}: final metrics after {summary['epochs_trained']} epochs"
-    return f"{name}: final metrics after {summary.get('rounds')} rounds"
+    chosen = (summary.get("selection") or {}).get("round")
+    model = f"model of round {chosen}" if chosen else "final metrics"
+    return f"{name}: {model} after {summary.get('rounds')} rounds"
+
+
+def _print_threshold(summary: dict[str, Any], console: Console) -> None:
+    """The decision threshold and the intervals' coverage, under the table."""
+    threshold, note = summary.get("threshold"), summary.get("intervals")
+    if isinstance(note, dict):
+        console.print(f"[low, high]: {note.get('confidence', 0.95):.0%} bootstrap intervals "
+                      f"({note.get('resamples')} resamples)", markup=False)
+    if isinstance(threshold, dict):
+        console.print(f"decision threshold {threshold.get('value')} ({threshold.get('method')}; "
+                      f"{threshold.get('chosen_on')})", markup=False)
