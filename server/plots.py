@@ -42,11 +42,16 @@ def round_curves(series: Series, *, title: str, ylabel: str,
         selected_round: drawn as a vertical dotted line when given.
     """
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    aggregate = {"overall": "black", "central": "dimgrey"}
+    hospitals = sorted(n for n in series if n not in aggregate)
+    palette = plt.get_cmap("tab10")
     for name, points in sorted(series.items()):
         rounds = [p[0] for p in points]
         values = [p[1] for p in points]
-        style = "--" if name in ("overall", "central") else "-"
-        ax.plot(rounds, values, style, marker="o", markersize=3, label=name)
+        # the same hospital has the same colour in every figure of the report
+        colour = aggregate.get(name) or palette(hospitals.index(name) % 10)
+        style = "--" if name in aggregate else "-"
+        ax.plot(rounds, values, style, marker="o", markersize=3, label=name, color=colour)
     if selected_round is not None:
         ax.axvline(selected_round, color="grey", linestyle=":", label="selected round")
     ax.set(title=title, xlabel="round", ylabel=ylabel)
