@@ -80,14 +80,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     # (the personalised weights never leave this hospital)
     epochs = int(wire.scalar(config.get(wire.PERSONALISE_EPOCHS, 0))) if config else 0
     if epochs > 0:
-        metrics = personalise_and_score(settings, hospital, weights, epochs=epochs)
+        metrics = {k: v for k, v in personalise_and_score(
+            settings, hospital, weights, epochs=epochs).items() if k in hospital.allowed_metrics}
         return Message(content=RecordDict({wire.METRICS: wire.metric_record(metrics)}),
                        reply_to=msg)
     validate = (settings.selection.due(server_round, settings.federation.rounds)
                 and wire.VAL_NUM_EXAMPLES in hospital.allowed_metrics)
     metrics = evaluate_round(settings, hospital, weights, validate=validate)
-    metrics = {k: v for k, v in metrics.items()
-               if not k.startswith(wire.VALIDATION_PREFIX) or k in hospital.allowed_metrics}
+    # Only what the hospital's policy lets leave (a hospital that withholds the ROC
+    # counts is scored at the fixed threshold; see server/threshold.py)
+    metrics = {k: v for k, v in metrics.items() if k in hospital.allowed_metrics}
 
     return Message(content=RecordDict({wire.METRICS: wire.metric_record(metrics)}),
                    reply_to=msg)

@@ -78,3 +78,23 @@ def test_weights_of_another_model_are_refused(tmp_path: Path) -> None:
                           wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})})
     with pytest.raises(ValueError, match="do not match model.name=cnn"):
         train(Message(content, dst_node_id=11, message_type="train"), _context(settings))
+
+
+def test_a_hospital_can_withhold_the_roc_counts(tmp_path: Path) -> None:
+    """The app (guard included) sends only the hospital's allowed-metrics: without the ROC
+    names it still evaluates, and no list leaves."""
+    from client.app import app
+
+    settings = small_settings(tmp_path)
+    msg, _ = _message(settings, "evaluate")
+    context = _context(settings)
+    allowed = sorted(wire.DEFAULT_ALLOWED_METRICS - wire.ROC_LISTS)
+    context.node_config[wire.ALLOWED_METRICS] = ",".join(allowed)
+    reply = app(message=msg, context=context)
+    assert not reply.has_error()
+    metrics = dict(reply.content[wire.METRICS])
+    assert "auc" in metrics and "auc-ci-low" in metrics
+    assert not any(isinstance(v, list) for v in metrics.values())
+    # with the default policy the counts go with the reply
+    default = app(message=_message(settings, "evaluate")[0], context=_context(settings))
+    assert len(default.content[wire.METRICS][wire.ROC_TP]) == 101
