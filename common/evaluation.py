@@ -177,6 +177,13 @@ def evaluate(model: nn.Module, loader: Batches, *, task: TaskConfig, device: tor
         (or None for an interval).
     """
     logits, targets = predict(model, loader, device)
+    return scores_of(logits, targets, task=task, boot=boot, threshold=threshold, roc=roc)
+
+
+def scores_of(logits: torch.Tensor, targets: torch.Tensor, *, task: TaskConfig,
+              boot: Bootstrap | None = None, threshold: float | None = None,
+              roc: bool = False) -> dict[str, Any]:
+    """:func:`evaluate`'s figures from predictions already made (:func:`predict`)."""
     loss = float(make_loss(task)(logits, targets))
     if task.kind == "classification":
         metrics = classification_metrics(logits, targets, threshold=threshold, boot=boot, roc=roc)

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from common.atomic import atomic_file
 from common.config import Settings
 from common.data import load_central_test
-from common.evaluation import evaluate, predict
+from common.evaluation import evaluate, predict, scores_of
 from common.intervals import Bootstrap
 from common.models import build_model
 from common.training import resolve_device
@@ -72,9 +72,8 @@ def final_central(settings: Settings, weights: Mapping[str, torch.Tensor], run_d
     loader = DataLoader(dataset, batch_size=max(64, settings.data.batch_size))
     boot = Bootstrap(settings.evaluation.bootstrap, settings.evaluation.confidence,
                      seed=settings.seed)
-    metrics: dict[str, Any] = evaluate(model, loader, task=settings.task, device=device,
-                                       boot=boot, threshold=threshold)
     logits, targets = predict(model, loader, device)
+    metrics = scores_of(logits, targets, task=settings.task, boot=boot, threshold=threshold)
     if settings.task.kind == "classification":
         arrays = {"probs": logits.softmax(1).numpy().astype(np.float32),
                   "labels": targets.long().view(-1).numpy()}
