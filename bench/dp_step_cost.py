@@ -1,14 +1,25 @@
-"""DP-SGD step cost vs a plain step, measured side by side in one run.
+"""DP-SGD step cost vs a plain step, every mode side by side in one run.
 
-    .venv/bin/python bench/dp_step_cost.py                 # CPU
+    .venv/bin/python bench/dp_step_cost.py                 # CPU, 1 thread
+    .venv/bin/python bench/dp_step_cost.py --threads 2     # both sides on 2 threads
     .venv/bin/python bench/dp_step_cost.py --device cuda   # a GPU
 
 For the default classifier (cnn, 28x28) and the default U-Net (unet, 64x64)
-at batch 16 and 32, each configuration (plain / Opacus DP-SGD in hooks mode)
-runs in its own fresh subprocess so peak memories do not mix. Reported: median
-step time after warm-up (robust to a busy machine), and peak memory of
-the training step (CPU: peak RSS growth over the process after model and
-data are built; CUDA: peak allocated), then the ratios DP / plain.
+at batch 16 and 32, each configuration runs in its own fresh subprocess so
+peak memories do not mix: plain training, then DP-SGD in every Opacus
+``privacy.grad_sample_mode`` (hooks, functorch, ghost, ew, and what ``auto``
+resolves to), for the default network and for its variants with fast Opacus
+paths (``model.act=relu``; for the U-Net also ``model.upsample=resize``).
+Every process uses the same ``torch.set_num_threads`` (``--threads``, 1 by
+default: on a shared machine more threads than free cores make timings
+spin-wait noise, for plain and DP alike).
+
+Reported: median step time (forward, backward, optimizer step; after 2
+warm-up steps, robust to a busy machine) and the peak memory of training
+(CPU: peak RSS growth over the process after model and data are built;
+CUDA: peak allocated), then ``time x`` / ``mem x``: DP over plain training
+of the same network, and ``vs default``: DP over plain training of the
+default network (what a user pays for DP plus the model change).
 """
 
 from __future__ import annotations
@@ -22,41 +33,57 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = (("cnn", "classification", [28, 28], [16, 32, 64]),
-         ("unet", "segmentation", [64, 64], [16, 32, 64, 128]))
+# name, task kind, image size, channels (the configured defaults), variants
+CASES = (("cnn", "classification", [28, 28], [16, 32, 64],
+          ("default", "act=relu")),
+         ("unet", "segmentation", [64, 64], [16, 32, 64, 128],
+          ("default", "act=relu", "upsample=resize", "act=relu,upsample=resize")))
+MODES = ("plain", "hooks", "functorch", "ghost", "ew")
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[str, float]:
+def _model_options(variant: str) -> dict[str, str]:
+    if variant == "default":
+        return {}
+    return dict(item.split("=") for item in variant.split(","))
+
+
+def measure(name: str, variant: str, batch: int, mode: str, device: str,
+            steps: int) -> dict[str, float | str]:
     """Time ``steps`` training steps of one configuration (run in a fresh process)."""
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from client.dp_sgd import make_private, poisson_loader
+    from client.dp_sgd import PerSampleLoss, make_private, poisson_loader
     from common.config import ModelConfig, PrivacyConfig, TaskConfig
     from common.models import build_model
     from common.training import make_loss
 
-    _, kind, size, channels = next(c for c in CASES if c[0] == name)
+    _, kind, size, channels, _ = next(c for c in CASES if c[0] == name)
     task = TaskConfig(kind=kind, image_size=size)
     dev = torch.device(device)
-    model = build_model(task, ModelConfig(name=name, channels=channels), seed=0).to(dev)
+    model = build_model(task, ModelConfig(name=name, channels=channels,
+                                          **_model_options(variant)), seed=0).to(dev)
     n = batch * (steps + 3)
     x = torch.randn(n, 1, *size)
     y = (torch.randint(0, 2, (n,)) if kind == "classification"
          else torch.randint(0, 2, (n, 1, *size)))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    if dp:
-        privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0)
+    criterion = make_loss(task)
+    resolved = mode
+    if mode != "plain":
+        privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, grad_sample_mode=mode)
         dp_round = make_private(model=model, optimizer=optimizer, loader=poisson_loader(loader),
                                 noise_multiplier=1.0, max_grad_norm=privacy.max_grad_norm,
-                                accountant=privacy.accountant)
-        optimizer, loader = dp_round.optimizer, dp_round.loader
-    criterion = make_loss(task)
+                                accountant=privacy.accountant, grad_sample_mode=mode,
+                                criterion=PerSampleLoss(task))
+        optimizer, loader, resolved = dp_round.optimizer, dp_round.loader, dp_round.mode
+        model = dp_round.model
+        criterion = dp_round.criterion or criterion
     base_mb = _peak_rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -69,7 +96,7 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[st
         if dev.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        optimizer.zero_grad()
+        optimizer.zero_grad(set_to_none=True)
         criterion(model(xb), yb).backward()
         optimizer.step()
         if dev.type == "cuda":
@@ -78,7 +105,21 @@ def measure(name: str, batch: int, dp: bool, device: str, steps: int) -> dict[st
             times.append(time.perf_counter() - started)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb())
     times.sort()
-    return {"step_ms": 1000 * times[len(times) // 2], "peak_mb": peak - base_mb}
+    return {"step_ms": 1000 * times[len(times) // 2], "peak_mb": peak - base_mb,
+            "resolved": resolved}
+
+
+def _run_one(args: argparse.Namespace, name: str, variant: str, batch: int,
+             mode: str) -> dict[str, float | str] | None:
+    cmd = [sys.executable, __file__, "--device", args.device, "--steps", str(args.steps),
+           "--threads", str(args.threads), "--one", name, variant, str(batch), mode]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"  ({name} {variant} b{batch} {mode}: failed: "
+              f"{(out.stderr.strip().splitlines() or ['?'])[-1][:110]})")
+        return None
+    result: dict[str, float | str] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
 
 
 def main(argv: list[str]) -> int:
@@ -86,30 +127,58 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--one", nargs=3, metavar=("MODEL", "BATCH", "DP"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--models", nargs="*", default=[c[0] for c in CASES])
+    parser.add_argument("--batches", nargs="*", type=int, default=[16, 32])
+    parser.add_argument("--modes", nargs="*", default=[*MODES[1:], "auto"])
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="model variants (default: all of each model's)")
+    parser.add_argument("--one", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "MODE"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     if args.one:
-        name, batch, dp = args.one
-        print(json.dumps(measure(name, int(batch), dp == "1", args.device, args.steps)))
+        name, variant, batch, mode = args.one
+        print(json.dumps(measure(name, variant, int(batch), mode, args.device, args.steps)))
         return 0
-    print(f"device {args.device}, {args.steps} timed steps after 2 warm-up steps, "
-          "Opacus hooks mode, Poisson sampling")
-    print(f"{'model':<6} {'batch':>5} {'plain ms':>9} {'DP ms':>8} {'time x':>7} "
-          f"{'plain MB':>9} {'DP MB':>8} {'mem x':>6}")
-    for name, *_ in CASES:
-        for batch in (16, 32):
-            res = {}
-            for dp in ("0", "1"):
-                out = subprocess.run([sys.executable, __file__, "--device", args.device,
-                                      "--steps", str(args.steps), "--one", name, str(batch), dp],
-                                     capture_output=True, text=True, check=True)
-                res[dp] = json.loads(out.stdout.strip().splitlines()[-1])
-            plain, priv = res["0"], res["1"]
-            print(f"{name:<6} {batch:>5} {plain['step_ms']:>9.1f} {priv['step_ms']:>8.1f} "
-                  f"{priv['step_ms'] / plain['step_ms']:>7.2f} {plain['peak_mb']:>9.1f} "
-                  f"{priv['peak_mb']:>8.1f} {priv['peak_mb'] / max(plain['peak_mb'], 1e-6):>6.2f}")
+    print(f"device {args.device}, {args.threads} thread(s) per process, {args.steps} steps "
+          "(median after 2 warm-up steps), Poisson sampling, each row a fresh process")
+    print(f"{'model':<5} {'variant':<24} {'batch':>5} {'mode':<15} {'ms':>7} {'MB':>7} "
+          f"{'time x':>6} {'mem x':>6} {'vs default: time x':>18} {'mem x':>6}")
+    for name, *_, variants in CASES:
+        if name not in args.models:
+            continue
+        for batch in args.batches:
+            default_plain = None
+            for variant in args.variants or variants:
+                if variant not in variants:
+                    continue
+                plain = _run_one(args, name, variant, batch, "plain")
+                if plain is None:
+                    continue
+                default_plain = default_plain or plain
+                _row(name, variant, batch, "plain", plain, plain, default_plain)
+                for mode in args.modes:
+                    res = _run_one(args, name, variant, batch, mode)
+                    if res is not None:
+                        label = mode if mode != "auto" else f"auto={res['resolved']}"
+                        _row(name, variant, batch, label, res, plain, default_plain)
     return 0
+
+
+def _row(name: str, variant: str, batch: int, mode: str, res: dict[str, float | str],
+         plain: dict[str, float | str], default: dict[str, float | str]) -> None:
+    ms, mb = float(res["step_ms"]), float(res["peak_mb"])
+
+    def ratio(value: float, ref: dict[str, float | str], key: str) -> float:
+        return value / max(float(ref[key]), 1e-6)
+    print(f"{name:<5} {variant:<24} {batch:>5} {mode:<15} {ms:>7.1f} {mb:>7.1f} "
+          f"{ratio(ms, plain, 'step_ms'):>6.2f} {ratio(mb, plain, 'peak_mb'):>6.2f} "
+          f"{ratio(ms, default, 'step_ms'):>18.2f} {ratio(mb, default, 'peak_mb'):>6.2f}",
+          flush=True)
 
 
 if __name__ == "__main__":

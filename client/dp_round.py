@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 
 from client.dp_sgd import (
     BudgetExceededError,
+    PerSampleLoss,
     PrivacyReport,
     calibrate_noise,
     epsilon_spent,
@@ -60,11 +61,28 @@ def ceiling_check(ceiling_epsilon: float | None, *, delta: float, accountant: st
 def _train(model: nn.Module, optimizer: torch.optim.Optimizer, poisson: DataLoader, *,
            sigma: float, privacy: PrivacyConfig, task: TaskConfig, epochs: int,
            device: torch.device, class_weights: torch.Tensor | None) -> list[Mechanism]:
-    """Train one round with DP-SGD; the mechanisms Opacus recorded."""
+    """Train one round with DP-SGD; the mechanisms Opacus recorded.
+
+    With ``privacy.max_physical_batch`` set, Opacus' ``BatchMemoryManager``
+    splits each Poisson batch into chunks of at most that many samples; the
+    optimizer clips and sums per chunk and noises and steps (and the
+    accountant counts) once per logical batch, so the mechanism is the same.
+    """
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+
     dp = make_private(model=model, optimizer=optimizer, loader=poisson, noise_multiplier=sigma,
-                      max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant)
-    train_epochs(model, dp.loader, dp.optimizer, task=task, epochs=epochs, device=device,
-                 on_empty_batch=dp.empty_batch, class_weights=class_weights)
+                      max_grad_norm=privacy.max_grad_norm, accountant=privacy.accountant,
+                      grad_sample_mode=privacy.grad_sample_mode,
+                      criterion=PerSampleLoss(task, class_weights))
+    with contextlib.ExitStack() as chunks:
+        loader = dp.loader
+        if privacy.max_physical_batch:
+            loader = chunks.enter_context(BatchMemoryManager(
+                data_loader=dp.loader, optimizer=dp.optimizer,
+                max_physical_batch_size=privacy.max_physical_batch))
+        train_epochs(dp.model, loader, dp.optimizer, task=task, epochs=epochs, device=device,
+                     on_empty_batch=dp.empty_batch, class_weights=class_weights,
+                     criterion=dp.criterion)
     return dp.finish()
 
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from client.hospital import RoundDeclinedError
 from client.privacy_ledger import Mechanism
 from common import wire
+from common.config import TaskConfig
 
 if TYPE_CHECKING:
     from opacus import PrivacyEngine
@@ -106,15 +107,80 @@ class PrivacyReport:
                 wire.SAMPLE_RATE: self.sample_rate, wire.DP_STEPS: float(self.steps)}
 
 
+class PerSampleLoss(nn.Module):
+    """The training loss of :func:`common.training.make_loss`, per sample on request.
+
+    With ``reduction="mean"`` (how it is built) it returns the same scalar as
+    :func:`~common.training.make_loss`: cross-entropy (times fixed class
+    weights) for classification, Dice + cross-entropy for segmentation. With
+    ``reduction="none"`` (what Opacus' ghost clipping switches it to) it
+    returns each sample's loss ``[B]``, whose batch mean is that scalar: the
+    Dice term is already a mean over each sample's classes, the
+    cross-entropy a mean over its pixels.
+
+    Args:
+        task: decides the loss.
+        class_weights: classification class weights ``[K]``, or None.
+    """
+
+    def __init__(self, task: TaskConfig, class_weights: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.reduction = "mean"
+        self.segmentation = task.kind == "segmentation"
+        self.class_weights = class_weights
+        self.dice: nn.Module | None = None
+        if self.segmentation:
+            from monai.losses import DiceLoss
+
+            self.dice = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Args: logits ``[B, K, *spatial]``/``[B, K]``; targets ``[B, 1, *spatial]``/``[B]``."""
+        if self.dice is not None:
+            per_sample = (self.dice(logits, targets).flatten(1).mean(1)
+                          + nn.functional.cross_entropy(logits, targets[:, 0].long(),
+                                                        reduction="none").flatten(1).mean(1))
+        else:
+            per_sample = nn.functional.cross_entropy(logits, targets, reduction="none")
+            if self.class_weights is not None:
+                per_sample = self.class_weights.to(per_sample.device)[targets] * per_sample
+        return per_sample if self.reduction == "none" else per_sample.mean()
+
+
+# What ``grad_sample_mode="auto"`` picks, by whether the network has layers
+# without an Opacus per-sample-gradient rule (PReLU, transposed convolution:
+# Opacus falls back to functorch for them): measured by bench/dp_step_cost.py.
+AUTO_MODE_FAST = "hooks"
+AUTO_MODE_FALLBACK = "hooks"
+
+
+def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
+    """The Opacus mode ``mode`` stands for on ``model`` (``auto`` resolved)."""
+    if mode != "auto":
+        return mode
+    from opacus.grad_sample import GradSampleModule
+
+    rules = GradSampleModule.GRAD_SAMPLERS
+    all_fast = all(type(m) in rules for m in model.modules()
+                   if any(p.requires_grad for p in m.parameters(recurse=False)))
+    return AUTO_MODE_FAST if all_fast else AUTO_MODE_FALLBACK
+
+
 @dataclass
 class DPRound:
-    """One round of DP-SGD: use :attr:`model`, :attr:`optimizer`, :attr:`loader`, then finish."""
+    """One round of DP-SGD: train :attr:`model` with :attr:`optimizer` over :attr:`loader`.
+
+    Use :attr:`criterion` as the loss when it is set (ghost clipping: its
+    ``backward`` runs both passes); then :meth:`finish`.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loader: DataLoader
     engine: PrivacyEngine
     hooks: Any
+    mode: str = "hooks"
+    criterion: Any = None
 
     def empty_batch(self) -> None:
         """Prepare a noise-only step for a batch Poisson sampling left empty.
@@ -123,7 +189,11 @@ class DPRound:
         the step adds noise and is accounted like every other.
         """
         for param in self.model.parameters():
-            if param.requires_grad:
+            if not param.requires_grad:
+                continue
+            if self.mode == "ghost":  # its optimizer sums the (clipped) .grad
+                param.grad = torch.zeros_like(param)
+            else:
                 param.grad_sample = torch.zeros(  # type: ignore[attr-defined]
                     0, *param.shape, device=param.device)
 
@@ -152,8 +222,13 @@ def poisson_loader(loader: DataLoader) -> DataLoader:
 
 
 def make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 noise_multiplier: float, max_grad_norm: float, accountant: str) -> DPRound:
+                 noise_multiplier: float, max_grad_norm: float, accountant: str,
+                 grad_sample_mode: str = "hooks", criterion: nn.Module | None = None) -> DPRound:
     """Hook ``model`` for per-sample clipping and noise over a Poisson ``loader``.
+
+    Every mode clips each sample's whole gradient to ``max_grad_norm`` and
+    adds the same noise, so the privacy guarantee and its accounting do not
+    depend on the mode; only how the per-sample norms are computed does.
 
     Args:
         model: the model, weights loaded (hooked in place; keys unchanged).
@@ -162,14 +237,29 @@ def make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
         noise_multiplier: noise std / clipping norm.
         max_grad_norm: per-sample L2 clipping norm.
         accountant: ``prv`` or ``rdp`` (records this round's steps).
+        grad_sample_mode: ``auto``, ``hooks``, ``functorch``, ``ghost`` or
+            ``ew`` (see :class:`~common.config.PrivacyConfig`).
+        criterion: the loss, a :class:`PerSampleLoss`; needed by ``ghost``,
+            which returns it wrapped as :attr:`DPRound.criterion`.
+
+    Raises:
+        ValueError: ``ghost`` without a per-sample ``criterion``.
     """
     from opacus import PrivacyEngine
 
+    mode = resolve_grad_sample_mode(grad_sample_mode, model)
+    if mode == "ghost" and not isinstance(criterion, PerSampleLoss):
+        raise ValueError("grad_sample_mode='ghost' needs the loss as a PerSampleLoss "
+                         "(per-sample losses for the second backward pass)")
     engine = PrivacyEngine(accountant=accountant)
-    hooks, dp_optimizer, dp_loader = engine.make_private(
+    prepared = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        poisson_sampling=False, wrap_model=False, noise_generator=_secret_generator())
+        criterion=criterion, poisson_sampling=False, grad_sample_mode=mode,
+        wrap_model=mode == "ew",  # expanded weights exist only as a wrapping module
+        noise_generator=_secret_generator())
+    hooks, dp_optimizer = prepared[0], prepared[1]
     hooks.forbid_grad_accumulation()  # as make_private does for Poisson sampling
-    return DPRound(model=model, optimizer=dp_optimizer, loader=dp_loader, engine=engine,
-                   hooks=hooks)
+    return DPRound(model=hooks if mode == "ew" else model, optimizer=dp_optimizer,
+                   loader=prepared[-1], engine=engine, hooks=hooks, mode=mode,
+                   criterion=prepared[2] if mode == "ghost" else None)

@@ -65,6 +65,37 @@ class _AddResNetBlock(ResNetBlock):
         return self.act(out + residual)
 
 
+ACTIVATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "prelu": ("prelu", {}),
+    "relu": ("relu", {"inplace": False}),
+    "leakyrelu": ("leakyrelu", {"negative_slope": 0.01, "inplace": False}),
+}
+
+
+def _resize_up_layers(net: UNet, spatial_dims: int) -> None:
+    """Replace every transposed convolution of MONAI's ``net`` by a resize-convolution.
+
+    Each ``ConvTranspose`` (kernel 3, stride s) becomes MONAI's ``UpSample``
+    in ``nontrainable`` mode: nearest-neighbour resize by s, then a 3x3
+    convolution with the same channels (its ``post_conv``), so the output
+    shape is the same and Opacus computes its per-sample gradients with its
+    convolution rule (it has none for transposed convolutions).
+    """
+    from monai.networks.blocks import UpSample
+    from monai.networks.layers.factories import Conv
+
+    for module in list(net.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+                post = Conv[Conv.CONV, spatial_dims](
+                    child.in_channels, child.out_channels, kernel_size=3, padding=1,
+                    bias=child.bias is not None)
+                setattr(module, name, UpSample(
+                    spatial_dims, child.in_channels, child.in_channels,
+                    scale_factor=child.stride, mode="nontrainable", pre_conv=None,
+                    post_conv=post, interp_mode="nearest", align_corners=None))
+
+
 def _cnn(task: TaskConfig, model: ModelConfig) -> nn.Module:
     channels = tuple(model.channels)
     return Classifier(
@@ -73,6 +104,7 @@ def _cnn(task: TaskConfig, model: ModelConfig) -> nn.Module:
         channels=channels,
         strides=(2,) * len(channels),
         num_res_units=1,
+        act=ACTIVATIONS[model.act],
         norm=("instance", {"affine": True}),
         dropout=model.dropout or None,
     )
@@ -110,16 +142,20 @@ def _resnet(layers: list[int]) -> Builder:
 
 
 def _unet(task: TaskConfig, model: ModelConfig) -> nn.Module:
-    return UNet(
+    net = UNet(
         spatial_dims=task.spatial_dims,
         in_channels=task.in_channels,
         out_channels=task.num_classes,
         channels=tuple(model.channels),
         strides=(2,) * (len(model.channels) - 1),
         num_res_units=2,
+        act=ACTIVATIONS[model.act],
         norm=("instance", {"affine": True}),
         dropout=model.dropout,
     )
+    if model.upsample == "resize":
+        _resize_up_layers(net, task.spatial_dims)
+    return net
 
 
 def _basicunet(task: TaskConfig, model: ModelConfig) -> nn.Module:

@@ -145,6 +145,7 @@ def train_epochs(
     proximal_mu: float = 0.0,
     on_empty_batch: Callable[[], None] | None = None,
     class_weights: torch.Tensor | None = None,
+    criterion: Loss | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
@@ -162,11 +163,13 @@ def train_epochs(
             it empty batches are skipped.
         class_weights: classification class weights ``[K]`` (see
             :func:`make_loss`); None = unweighted.
+        criterion: the loss to use instead of :func:`make_loss`'s (DP-SGD's
+            ghost clipping: Opacus' wrapped per-sample loss).
 
     Returns:
         Mean per-sample loss, samples seen and steps taken.
     """
-    criterion = make_loss(task, class_weights)
+    criterion = criterion or make_loss(task, class_weights)
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     use_amp = amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
