@@ -40,15 +40,32 @@ PROJECT_DIR = Path(__file__).resolve().parent
 log = medfed_logger()
 
 
-def simulation_superlink(run_dir: Path, port: int) -> ManagedProcess:
-    """A SuperLink in simulation mode on ``127.0.0.1:port``, logging to the run folder."""
+def simulation_superlink(run_dir: Path, port: int, ray_address: str | None = None
+                         ) -> ManagedProcess:
+    """A SuperLink in simulation mode on ``127.0.0.1:port``, logging to the run folder.
+
+    With ``ray_address`` the simulation joins that Ray cluster: Flower 1.41's
+    federation config has no Ray address, but its Ray backend calls
+    ``ray.init()`` without one, which then connects to ``RAY_ADDRESS``.
+    """
     argv = [flwr_bin("flower-superlink"), "--simulation", "--insecure",
             "--host", "127.0.0.1", "--port", str(port),
             "--disable-runtime-dependency-installation"]
     # Flower's SuperExec looks for new tasks (the ServerApp, the simulation)
     # once a second by default; a short local run should not wait for that
     env = {"FLWR_HOME": str(run_dir / "flwr-home"), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    if ray_address is not None:
+        env["RAY_ADDRESS"] = ray_address
     return ManagedProcess("superlink", argv, run_dir / "superlink.log", env=env)
+
+
+def ray_init_args(fed: FederationConfig) -> dict[str, int]:
+    """Flower's ``init-args-*`` federation keys: a local Ray's CPUs, nothing for a cluster.
+
+    Ray refuses resource arguments when it connects to an existing cluster;
+    the cluster's nodes declare their own.
+    """
+    return {} if fed.ray_address is not None else {"init-args-num-cpus": ray_cpus(fed)}
 
 
 def ray_cpus(fed: FederationConfig) -> int:
@@ -71,7 +88,7 @@ def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = P
     log.info("[MedFed] %s: %d hospitals x %d rounds -> %s", settings.name,
              fed.num_hospitals, fed.rounds, run_dir)
     port = free_port()
-    with running(simulation_superlink(run_dir, port)) as (superlink,):
+    with running(simulation_superlink(run_dir, port, fed.ray_address)) as (superlink,):
         wait_for_port("127.0.0.1", port, timeout_s=60, proc=superlink)
         return submit_and_follow(
             settings,
@@ -82,7 +99,7 @@ def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = P
                 "num-supernodes": len(taking_part(settings)),  # data.hospitals
                 "client-resources-num-cpus": fed.num_cpus,
                 "client-resources-num-gpus": fed.num_gpus,
-                "init-args-num-cpus": ray_cpus(fed),
+                **ray_init_args(fed),
             },
             verbose=verbose,
         )

@@ -424,6 +424,9 @@ class FederationConfig:
             in each phase (train, evaluate) of a round; then the round goes
             on with those that answered (a training round still needs
             ``min_train`` of them). A straggler's late reply is discarded.
+        ray_address: simulation only: the address of an existing Ray cluster
+            (``HOST:PORT`` of its head, or ``auto``) on which the simulated
+            hospitals run; null = Flower starts a local Ray of its own.
     """
 
     num_hospitals: int = 3
@@ -437,9 +440,13 @@ class FederationConfig:
     num_gpus: float = 0.0
     parallel_hospitals: int = 0
     round_timeout_s: float = 600.0
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         _positive("federation.round_timeout_s", self.round_timeout_s)
+        if self.ray_address is not None and not self.ray_address.strip():
+            raise ConfigError("federation.ray_address='' is not valid; give HOST:PORT of a "
+                              "Ray head, 'auto', or null for a local Ray")
         _positive("federation.num_hospitals", self.num_hospitals)
         _positive("federation.rounds", self.rounds)
         _positive("federation.local_epochs", self.local_epochs)
