@@ -6,7 +6,6 @@ The ClientApp handlers unpack a message, call these, and pack the reply.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import secrets
 import time
@@ -21,9 +20,10 @@ from torch.utils.data import DataLoader, Dataset
 from client.dp_round import dp_train_round
 from client.hospital import Hospital
 from client.privacy_ledger import PrivacyLedger
+from client.site_cache import SiteCache
 from common import wire
 from common.augment import augmented
-from common.config import Settings, settings_from_json, settings_to_json
+from common.config import Settings, settings_to_json
 from common.data import SiteData, load_site
 from common.evaluation import evaluate
 from common.intervals import Bootstrap
@@ -48,12 +48,8 @@ class RoundResult:
     metrics: dict[str, float]
 
 
-SITE_CACHE_SIZE = 4  # hospitals' datasets one process keeps in memory
-
-
-@functools.lru_cache(maxsize=SITE_CACHE_SIZE)
-def _site_data_cached(settings_json: str, index: int, data_path: str | None) -> SiteData:
-    return load_site(settings_from_json(settings_json), index, data_path=data_path)
+SITES = SiteCache()
+"""This process' hospitals' datasets (at most 1 GiB of tensors; see :mod:`client.site_cache`)."""
 
 
 def split_settings(settings: Settings, hospital: Hospital) -> Settings:
@@ -77,12 +73,15 @@ def site_data(settings: Settings, hospital: Hospital) -> SiteData:
     Reading and resampling volumes takes longer than a round's evaluation,
     and a simulated hospital's process (a Ray actor) serves every round of
     the run, so the splits are memoised on the complete settings (hence per
-    run) and the hospital, keeping at most ``SITE_CACHE_SIZE`` hospitals'
-    datasets in memory. A deployed hospital's ClientApp process serves one
-    message and reads its data each time. Errors are not memoised.
+    run) and the hospital, keeping at most ``SITES.max_bytes`` of hospitals'
+    datasets in memory (an actor serves any hospital, so a cache of a few
+    hospitals rebuilt the data of nearly every message beyond a handful of
+    hospitals). A deployed hospital's ClientApp process serves one message
+    and reads its data each time. Errors are not memoised.
     """
     own = split_settings(settings, hospital)
-    return _site_data_cached(settings_to_json(own), hospital.index, hospital.data_path)
+    return SITES.get((settings_to_json(own), hospital.index, hospital.data_path),
+                     lambda: load_site(own, hospital.index, data_path=hospital.data_path))
 
 
 def _device(settings: Settings, hospital: Hospital) -> torch.device:
