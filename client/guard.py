@@ -42,6 +42,7 @@ from common import wire
 from common.config import settings_from_json
 from common.intervals import GRID_SIZE
 from common.logs import medfed_logger
+from common.wire_dtype import MODEL_DTYPE, to_wire
 
 REFUSED = 4003
 """Error code of a reply the guard refused to send."""
@@ -71,8 +72,13 @@ def _is_train(msg: Message) -> bool:
 
 
 def _checked_arrays(name: str, record: ArrayRecord,
-                    expected: dict[str, tuple[tuple[int, ...], str]]) -> ArrayRecord:
-    """``record`` rebuilt from its decoded arrays, if they match ``expected``."""
+                    expected: dict[str, tuple[tuple[int, ...], str]],
+                    wire_dtype: str = MODEL_DTYPE) -> ArrayRecord:
+    """``record`` rebuilt from its decoded arrays, if they match ``expected``.
+
+    Float32 arrays leave as ``wire_dtype`` (``federation.wire_dtype``); the
+    finiteness check runs after that cast, so an overflow is refused.
+    """
     if set(record.keys()) != set(expected):
         extra = sorted(f"{name}.{key}" for key in set(record.keys()) - set(expected))
         missing = sorted(f"{name}.{key}" for key in set(expected) - set(record.keys()))
@@ -85,10 +91,21 @@ def _checked_arrays(name: str, record: ArrayRecord,
         found = (tuple(values.shape), str(values.dtype))
         if found != expected[key] or found != (tuple(array.shape), str(array.dtype)):
             raise RefusedReplyError(f"array {name}.{key} is {found}, expected {expected[key]}")
+        values = to_wire(values, wire_dtype)
         if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
-            raise RefusedReplyError(f"array {name}.{key} has non-finite values")
+            cast = (f" as {wire_dtype} (values beyond its range overflow to inf)"
+                    if str(values.dtype) != found[1] else "")
+            raise RefusedReplyError(f"array {name}.{key} has non-finite values{cast}")
         clean[key] = Array(np.ascontiguousarray(values))
     return ArrayRecord(array_dict=clean)
+
+
+def reply_dtype(context: Context) -> str:
+    """The run's ``federation.wire_dtype`` (float32 when the run config has no settings)."""
+    run_config = context.run_config.get(wire.RUN_CONFIG_KEY)
+    if run_config is None:
+        return MODEL_DTYPE
+    return settings_from_json(str(run_config)).federation.wire_dtype
 
 
 def metric_policy(msg: Message, context: Context) -> frozenset[str]:
@@ -141,7 +158,8 @@ def _checked_metrics(name: str, record: MetricRecord,
 
 
 def checked_reply(msg: Message, reply: Message, expected: ArraySpec,
-                  allowed: frozenset[str] | None = None) -> Message:
+                  allowed: frozenset[str] | None = None, wire_dtype: str = MODEL_DTYPE
+                  ) -> Message:
     """The reply to ``msg`` rebuilt from checked values only.
 
     Args:
@@ -150,6 +168,7 @@ def checked_reply(msg: Message, reply: Message, expected: ArraySpec,
         expected: :func:`array_spec` of ``msg`` taken before the ClientApp ran.
         allowed: the metric names that may leave (:func:`metric_policy`);
             None = any name.
+        wire_dtype: the float type training replies' float32 arrays leave in.
 
     Raises:
         RefusedReplyError: the reply carries anything but the model arrays
@@ -166,7 +185,7 @@ def checked_reply(msg: Message, reply: Message, expected: ArraySpec,
         if isinstance(record, MetricRecord):
             clean[name] = _checked_metrics(name, record, allowed)
         elif isinstance(record, ArrayRecord) and train and name in expected:
-            clean[name] = _checked_arrays(name, record, expected[name])
+            clean[name] = _checked_arrays(name, record, expected[name], wire_dtype)
         else:
             kind = type(record).__name__
             raise RefusedReplyError(f"record {name!r} ({kind}) may not leave the hospital")
@@ -198,7 +217,8 @@ def only_weights_mod(msg: Message, context: Context, call_next: ClientAppCallabl
                              "ClientApp; the details stay in the hospital's log"),
                        reply_to=msg)
     try:
-        return checked_reply(msg, reply, expected, metric_policy(msg, context))
+        return checked_reply(msg, reply, expected, metric_policy(msg, context),
+                             reply_dtype(context))
     except ValueError as err:  # RefusedReplyError, or a run config that cannot be read
         log.error("[MedFed] outgoing reply refused at node %s: %s", context.node_id, err)
         return Message(Error(code=REFUSED, reason=f"refused by the hospital's guard: {err}"),

@@ -31,6 +31,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRIVACY_MODES = ("none", "dp_sgd", "client_level")
 ACCOUNTANTS = ("prv", "rdp")
 CLIPPING_SIDES = ("server", "client")
+WIRE_DTYPES = ("float32", "float16")
 NORM_BOUNDS = ("median", "absolute", "none")
 OVER_NORM_ACTIONS = ("drop", "clip")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -427,6 +428,9 @@ class FederationConfig:
         ray_address: simulation only: the address of an existing Ray cluster
             (``HOST:PORT`` of its head, or ``auto``) on which the simulated
             hospitals run; null = Flower starts a local Ray of its own.
+        wire_dtype: the float type of the hospitals' training replies:
+            ``float32`` (the model's) or ``float16`` (half the bytes; see
+            :mod:`common.wire_dtype`).
     """
 
     num_hospitals: int = 3
@@ -441,9 +445,11 @@ class FederationConfig:
     parallel_hospitals: int = 0
     round_timeout_s: float = 600.0
     ray_address: str | None = None
+    wire_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _positive("federation.round_timeout_s", self.round_timeout_s)
+        _one_of("federation.wire_dtype", self.wire_dtype, WIRE_DTYPES)
         if self.ray_address is not None and not self.ray_address.strip():
             raise ConfigError("federation.ray_address='' is not valid; give HOST:PORT of a "
                               "Ray head, 'auto', or null for a local Ray")

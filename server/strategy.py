@@ -54,6 +54,8 @@ from flwr.serverapp.strategy import (
 from common import wire
 from common.config import Settings, StrategyConfig
 from common.intervals import overall_intervals
+from common.wire_cost import messages_bytes
+from common.wire_dtype import MODEL_DTYPE, from_wire, reply_spec
 from server.influence import bound_influence
 from server.replies import ArraySpec, array_spec, evaluate_reply_problem, train_reply_problem
 from server.report import RunRecorder
@@ -130,12 +132,15 @@ class CheckedStrategy(Strategy):
         min_evaluate: the fewest evaluation replies before a warning.
         bounds: the influence bounds (None: no bounds, under client-level DP).
         round_offset: rounds completed before this run started (resume).
+        wire_dtype: the float type training replies must carry
+            (``federation.wire_dtype``); cast back to float32 once checked.
     """
 
     def __init__(self, strategy: Strategy, recorder: RunRecorder, *, min_train: int = 1,
                  min_evaluate: int = 1, bounds: StrategyConfig | None = None,
-                 round_offset: int = 0) -> None:
+                 round_offset: int = 0, wire_dtype: str = MODEL_DTYPE) -> None:
         super().__init__()
+        self.wire_dtype = wire_dtype
         self.strategy = strategy
         self.recorder = recorder
         self.min_train = min_train
@@ -149,6 +154,8 @@ class CheckedStrategy(Strategy):
         self._sent: list[Message] = []
         self._hospital_of_node: dict[int, str] = {}
         self._phases: dict[str, PhaseReport] = {}
+        self._wire: dict[str, int] = {}
+        """Bytes of the round's messages (``wire-bytes-*``, see :mod:`common.wire_cost`)."""
 
     def true_round(self, server_round: int) -> int:
         """The round's number counted over a resumed run's earlier rounds (the one offset)."""
@@ -166,11 +173,13 @@ class CheckedStrategy(Strategy):
         model is float32, so float64 arrays are sent back as float32.
         """
         arrays = as_float32(arrays)
-        self._expected = array_spec(arrays)
+        self._expected = reply_spec(array_spec(arrays), self.wire_dtype)
         self._global = arrays
         self._phases = {}
         self._sent = list(self.strategy.configure_train(
             self.true_round(server_round), arrays, config, grid))
+        self._wire = {"wire-bytes-train-sent": messages_bytes(self._sent),
+                      "wire-messages-train-sent": len(self._sent)}
         return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -178,6 +187,7 @@ class CheckedStrategy(Strategy):
         """Send the evaluation with its true round number."""
         self._sent = list(self.strategy.configure_evaluate(
             self.true_round(server_round), arrays, config, grid))
+        self._wire["wire-bytes-evaluate-sent"] = messages_bytes(self._sent)
         return self._sent
 
     def node_of(self, msg: Message) -> int:
@@ -224,6 +234,8 @@ class CheckedStrategy(Strategy):
             if problem:
                 self._fail(round_, phase, msg, f"reply dropped: {problem}")
                 continue
+            if phase == "train":
+                msg.content[wire.ARRAYS] = from_wire(msg.content.array_records[wire.ARRAYS])
             metrics = dict(msg.content[wire.METRICS])
             self._hospital_of_node[self.node_of(msg)] = self.recorder.name(metrics)
             sound.append(msg)
@@ -253,6 +265,8 @@ class CheckedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and bound the training replies, then aggregate the sound ones."""
+        replies = list(replies)
+        self._wire["wire-bytes-train-received"] = messages_bytes(replies)
         return self.aggregate_checked(server_round,
                                       self.sound_train_replies(server_round, replies))
 
@@ -279,7 +293,9 @@ class CheckedStrategy(Strategy):
                            ) -> MetricRecord | None:
         """Aggregate the sound evaluation replies."""
         round_ = self.true_round(server_round)
-        sound = self._sound(round_, "evaluate", list(replies))
+        replies = list(replies)
+        self._wire["wire-bytes-evaluate-received"] = messages_bytes(replies)
+        sound = self._sound(round_, "evaluate", replies)
         if len(sound) < self.min_evaluate:
             self.recorder.failure(round_, "evaluate", "overall",
                                   f"only {len(sound)} hospital(s) evaluated")
@@ -291,8 +307,15 @@ class CheckedStrategy(Strategy):
         return metrics
 
     def take_report(self, server_round: int) -> RoundReport:
-        """The round's train and evaluate phases, as one report (and forget them)."""
+        """The round's train and evaluate phases, as one report (and forget them).
+
+        The round's message bytes join the train phase's ``overall`` metrics.
+        """
         phases, self._phases = self._phases, {}
+        train = phases.get("train")
+        if train is not None:
+            phases["train"] = PhaseReport(train.phase, train.replies,
+                                          {**train.overall, **self._wire})
         return RoundReport(self.true_round(server_round), train=phases.get("train"),
                            evaluate=phases.get("evaluate"))
 
@@ -371,4 +394,4 @@ def build_strategy(settings: Settings, recorder: RunRecorder, *,
     return CheckedStrategy(
         inner, recorder, min_train=fed.min_train, min_evaluate=min_evaluate,
         bounds=None if settings.privacy.mode == "client_level" else settings.strategy,
-        round_offset=round_offset)
+        round_offset=round_offset, wire_dtype=fed.wire_dtype)
