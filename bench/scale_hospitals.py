@@ -18,8 +18,13 @@ one table:
   every Ray worker, divided among the processes that map them: the memory
   the tree really needs); ``peak RSS GB`` beside it counts a shared page
   once per process, so it overstates;
-- ``ms/round/hosp`` and ``MB/hosp``: per hospital, and the growth ratios of
-  both between consecutive rows (x1.00 = linear; above 1 = superlinear).
+- ``CPU s/round``: CPU seconds (user + system) the whole tree spent per
+  steady round, read at each round's end as it is written to
+  ``metrics.jsonl``; unlike wall time it hardly moves when other work
+  shares the cores;
+- ``ms/round/hosp``, ``CPU ms/hosp`` and ``MB/hosp``: per hospital, and the
+  growth ratios of CPU time and memory per hospital between consecutive
+  rows (x1.00 = linear; above 1 = superlinear).
 
 Anything after ``--`` is passed to every run (Hydra overrides).
 """
@@ -62,10 +67,14 @@ class TreeSampler:
 
     root: int
     interval_s: float = 0.5
+    metrics: Path | None = None
+    round_cpu: list[float] = field(default_factory=list)
+    """Tree CPU seconds when each round's row appeared in ``metrics``."""
     peak_rss: int = 0
     peak_pss: int = 0
     peak_procs: int = 0
     _known: dict[int, psutil.Process] = field(default_factory=dict)
+    _cpu: dict[int, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -81,14 +90,21 @@ class TreeSampler:
                     del self._known[pid]
                     continue
                 info = proc.memory_full_info()
+                times = proc.cpu_times()
             except (psutil.NoSuchProcess, psutil.ZombieProcess):
                 del self._known[pid]
                 continue
             except psutil.AccessDenied:
                 continue
             rss, pss, alive = rss + info.rss, pss + info.pss, alive + 1
+            self._cpu[pid] = times.user + times.system  # kept after the process exits
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
         self.peak_procs = max(self.peak_procs, alive)
+        if self.metrics is not None and self.metrics.exists():
+            text = self.metrics.read_text()
+            done = text.count('"phase": "round"')
+            while len(self.round_cpu) < done:
+                self.round_cpu.append(sum(self._cpu.values()))
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -120,6 +136,7 @@ class Row:
     peak_pss: int
     peak_rss: int
     procs: int
+    cpu_s: float
 
 
 def round_ends(run_dir: Path) -> list[float]:
@@ -139,7 +156,7 @@ def measure(hospitals: int, rounds: int, overrides: list[str], workdir: Path,
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, **QUIET})
-        sampler = TreeSampler(proc.pid, interval_s).start()
+        sampler = TreeSampler(proc.pid, interval_s, metrics=run_dir / "metrics.jsonl").start()
         try:
             code = proc.wait()
         finally:
@@ -154,28 +171,32 @@ def measure(hospitals: int, rounds: int, overrides: list[str], workdir: Path,
     ends = round_ends(run_dir)
     laps = [b - a for a, b in itertools.pairwise(ends)]
     steady = sum(laps) / len(laps) if laps else float("nan")
+    cpu = sampler.round_cpu
+    cpu_s = (cpu[-1] - cpu[0]) / (len(cpu) - 1) if len(cpu) > 1 else float("nan")
     return Row(hospitals, len(ends), steady, ends[0] if ends else float("nan"), wall,
-               sampler.peak_pss, sampler.peak_rss, sampler.peak_procs)
+               sampler.peak_pss, sampler.peak_rss, sampler.peak_procs, cpu_s)
 
 
 def table(rows: list[Row]) -> str:
     """The printed table, growth ratios against the previous row."""
     head = (f"{'N':>4} {'rounds':>6} {'s/round':>8} {'round 1 s':>9} {'wall s':>7} "
-            f"{'peak PSS GB':>11} {'peak RSS GB':>11} {'procs':>5} {'ms/round/hosp':>13} "
-            f"{'MB/hosp':>8} {'x time/hosp':>11} {'x MB/hosp':>9}")
+            f"{'CPU s/round':>11} {'peak PSS GB':>11} {'peak RSS GB':>11} {'procs':>5} "
+            f"{'ms/round/hosp':>13} {'CPU ms/hosp':>11} {'MB/hosp':>8} {'x CPU/hosp':>10} "
+            f"{'x MB/hosp':>9}")
     lines = [head, "-" * len(head)]
     previous: Row | None = None
     for r in rows:
         per_time = 1000 * r.steady_s / r.hospitals
+        per_cpu = 1000 * r.cpu_s / r.hospitals
         per_mem = r.peak_pss / MB / r.hospitals
         grow_t = grow_m = "-"
         if previous is not None:
-            grow_t = f"x{per_time / (1000 * previous.steady_s / previous.hospitals):.2f}"
+            grow_t = f"x{per_cpu / (1000 * previous.cpu_s / previous.hospitals):.2f}"
             grow_m = f"x{per_mem / (previous.peak_pss / MB / previous.hospitals):.2f}"
         lines.append(f"{r.hospitals:>4} {r.rounds:>6} {r.steady_s:>8.2f} {r.first_s:>9.2f} "
-                     f"{r.wall_s:>7.1f} {r.peak_pss / GB:>11.2f} {r.peak_rss / GB:>11.2f} "
-                     f"{r.procs:>5} {per_time:>13.1f} {per_mem:>8.1f} {grow_t:>11} "
-                     f"{grow_m:>9}")
+                     f"{r.wall_s:>7.1f} {r.cpu_s:>11.2f} {r.peak_pss / GB:>11.2f} "
+                     f"{r.peak_rss / GB:>11.2f} {r.procs:>5} {per_time:>13.1f} {per_cpu:>11.1f} "
+                     f"{per_mem:>8.1f} {grow_t:>10} {grow_m:>9}")
         previous = r
     return "\n".join(lines)
 
