@@ -21,8 +21,6 @@ from pathlib import Path
 from common.atomic import atomic_file
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
 from common.config import ConfigError, FederationConfig, Settings
-from common.data import DataError, site_folders
-from common.data.check import check_folder
 from common.logs import medfed_logger
 from common.participation import taking_part
 from common.processes import (
@@ -32,7 +30,7 @@ from common.processes import (
     stop_children_on_signals,
     wait_for_port,
 )
-from server.app import ERROR_FILE
+from server.report import ERROR_FILE
 from server.runner import Connection, RunFailedError, flwr_bin, submit_and_follow
 from server.summary_table import print_summary
 
@@ -113,6 +111,11 @@ def refuse_data(settings: Settings) -> bool:
     """
     if settings.data.source != "folder":
         return False
+    # Imported here: reading images needs torch and MONAI, which a synthetic or
+    # MedMNIST run's launcher never loads (it only starts and follows Flower)
+    from common.data import DataError, site_folders
+    from common.data.check import check_folder
+
     root = Path(str(settings.data.path))
     try:
         folders = (dict(enumerate(site_folders(settings))) if settings.data.split == "natural"

@@ -1,0 +1,6 @@
+"""The coordinating site: ServerApp, strategy, checkpoints, reports and the server command."""
+
+from common.cpu_waits import prefer_passive_waits
+
+# Before any submodule imports torch (see common/cpu_waits.py)
+prefer_passive_waits()

@@ -36,15 +36,14 @@ from server.client_dp import RELEASES, Release, wrap_client_level
 from server.clinical import clinical_summary
 from server.initial_model import initial_model
 from server.personalisation import extend_summary, personalise
-from server.prompt_grid import PromptGrid
-from server.report import RunRecorder
+from server.prompt_grid import PromptGrid, simulation_window
+from server.report import ERROR_FILE, RunRecorder
 from server.round_end import RoundEnd
 from server.run_report import write_report_safely
 from server.selection import BEST_MODEL, STATE_KEY, EarlyStop, Selection
 from server.strategy import build_strategy
 from server.tracking import open_tracker
 
-ERROR_FILE = "error.txt"
 
 app = ServerApp()
 log = medfed_logger()
@@ -120,7 +119,8 @@ def run(grid: Grid, settings: Settings) -> dict:
     if done < rounds and not stopped_early:
         try:
             strategy.start(
-                grid=PromptGrid(grid, name_of=checked.hospital_of_node),
+                grid=PromptGrid(grid, name_of=checked.hospital_of_node,
+                                window=simulation_window(grid, settings)),
                 initial_arrays=ArrayRecord(weights),
                 num_rounds=rounds - done,
                 timeout=settings.federation.round_timeout_s,

@@ -30,6 +30,8 @@ from server.round_report import PhaseReport, RoundReport, SelectionStep
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+# Why a run failed, first line first (written by the ServerApp or the launcher)
+ERROR_FILE = "error.txt"
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.NOISE_MULTIPLIER, wire.SAMPLE_RATE, wire.DP_STEPS)
 HEADLINE = {"classification": "auc", "segmentation": "dice"}
 
