@@ -8,9 +8,11 @@ and the centralized baseline (``python -m server.baseline``) with the same
 model, optimizer and epoch budget (rounds x local epochs), each as a fresh
 process timed from start to exit, and prints:
 
-- wall time federated / centralized, and the federated time split into
-  start-up (SuperLink + Ray until the first round starts), rounds, and the
-  share of the rounds spent in local training;
+- wall time federated / centralized, and the federated run's fixed cost:
+  fixed s = federated wall - rounds x steady round (the pace of rounds 2..N),
+  with a timeline of where it goes (launcher and SuperLink up, ``flwr run``
+  submitted, ServerApp ready, round 1, the last round, exit), read from the
+  federated run's own log lines as they arrive;
 - federated metric / centralized metric on the same test sets (test AUC on
   the central test split for pneumonia, mean Dice over the hospitals' test
   slices for brain_mri).
@@ -30,11 +32,41 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADLINE = {"pneumonia": ("central", "auc"), "brain_mri": ("overall", "dice")}
 
 
+# Log lines of ``simulate.py --verbose`` that mark the phases of a run's fixed cost
+MARKS = (("SuperLink up", "Using SuperLink"),
+         ("run submitted", "Successfully started run"),
+         ("simulation started", "Starting Flower Simulation"),
+         ("ServerApp ready", "Starting CheckedStrategy"),
+         ("round 1 done", "[MedFed] round 1/"),
+         ("last round done", "Strategy execution finished"),
+         ("summary printed", "wall time "))
+
+
 def timed(argv: list[str]) -> float:
     """Run a command to completion; return its wall time in seconds."""
     started = time.perf_counter()
     subprocess.run(argv, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - started
+
+
+def timed_with_marks(argv: list[str]) -> tuple[float, dict[str, float]]:
+    """Run a command, noting when each of :data:`MARKS` first appears in its output.
+
+    Returns:
+        (wall seconds, {mark: seconds since start}).
+    """
+    started = time.perf_counter()
+    seen: dict[str, float] = {}
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        for label, needle in MARKS:
+            if label not in seen and needle in line:
+                seen[label] = time.perf_counter() - started
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, argv)
+    return time.perf_counter() - started, seen
 
 
 def round_ends(run_dir: Path) -> list[float]:
@@ -57,7 +89,8 @@ def compare(experiment: str, overrides: list[str], workdir: Path) -> dict[str, A
     """Run both sides of one experiment and return the figures."""
     fed_dir, central_dir = workdir / f"{experiment}-fed", workdir / f"{experiment}-central"
     common = [f"experiment={experiment}", *overrides]
-    fed_wall = timed([sys.executable, "simulate.py", *common, f"run_dir={fed_dir}"])
+    fed_wall, marks = timed_with_marks([sys.executable, "simulate.py", *common,
+                                        f"run_dir={fed_dir}", "--verbose"])
     central_wall = timed([sys.executable, "-m", "server.baseline", *common,
                           f"run_dir={central_dir}"])
     fed = json.loads((fed_dir / "summary.json").read_text())
@@ -69,6 +102,7 @@ def compare(experiment: str, overrides: list[str], workdir: Path) -> dict[str, A
         "fed_rounds_s": float(fed["wall_time_s"]),
         "fed_train_s": train_seconds(fed_dir),
         "fed_round_ends": round_ends(fed_dir),
+        "fed_marks": marks,
         "central_train_s": float(central["train_time_s"]),
         "fed_metric": float(fed[section][metric]),
         "central_metric": float(central[section][metric]),
@@ -98,11 +132,14 @@ def overhead_lines(r: dict[str, Any]) -> list[str]:
     fixed = outside + first_extra + (r["fed_rounds_s"] - ends[-1])
     central_fixed = r["central_wall_s"] - r["central_train_s"]
     pace_ratio = steady / r["central_train_s"]
+    marks = r.get("fed_marks", {})
+    timeline = " | ".join(f"{label} {marks[label]:.1f}" for label, _ in MARKS if label in marks)
     lines = [
-        f"  federated: fixed {fixed:.1f} s (outside the ServerApp's rounds {outside:.1f} s, "
-        f"round 1 beyond a steady round {first_extra:.1f} s) + {len(ends)} rounds at "
-        f"{pace:.2f} s = {steady:.1f} s (local training {r['fed_train_s']:.1f} s on the "
-        "slowest hospital per round)",
+        f"  federated: fixed {fixed:.1f} s = wall {r['fed_wall_s']:.1f} s - {len(ends)} rounds "
+        f"x steady round {pace:.2f} s (outside the ServerApp's rounds {outside:.1f} s, "
+        f"round 1 beyond a steady round {first_extra:.1f} s; local training "
+        f"{r['fed_train_s']:.1f} s on the slowest hospital per round)",
+        f"  federated timeline, s since start: {timeline}",
         *lines,
         f"  training pace federated / centralized {pace_ratio:.2f}; extra fixed cost "
         f"{fixed - central_fixed:.1f} s",

@@ -44,7 +44,6 @@ from server.selection import BEST_MODEL, STATE_KEY, EarlyStop, Selection
 from server.strategy import build_strategy
 from server.tracking import open_tracker
 
-
 app = ServerApp()
 log = medfed_logger()
 
