@@ -69,35 +69,58 @@ def ray_cluster(tmp_path: Path) -> Iterator[str]:
             yield f"127.0.0.1:{port}"
 
 
-# A driver of its own reads the cluster's node and actor tables from its GCS
+# A driver of its own reads the cluster's node table from its GCS (waiting for both
+# nodes), then, once told the run is over (a line on stdin), its actor table
 CLUSTER_TABLES = """
 import json, sys, time, ray
 from ray._private.state import actors
 ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
-deadline = time.monotonic() + float(sys.argv[2])
+deadline = time.monotonic() + 60
 while True:
     nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
     if len(nodes) == 2 or time.monotonic() > deadline:
         break
     time.sleep(0.5)
-table = [{"class": a["ActorClassName"], "node": a["Address"]["NodeID"], "state": a["State"]}
-         for a in actors().values()]
-print(json.dumps({"nodes": nodes, "actors": table}))
+print(json.dumps(nodes), flush=True)
+sys.stdin.readline()
+print(json.dumps([{"class": a["ActorClassName"], "node": a["Address"]["NodeID"]}
+                  for a in actors().values()]), flush=True)
 """
 
 
-def _cluster_tables(address: str, wait_s: float) -> dict:
-    """Alive node ids (waiting up to ``wait_s`` for two) and every actor's class and node."""
-    done = subprocess.run([sys.executable, "-c", CLUSTER_TABLES, address, str(wait_s)],
-                          capture_output=True, text=True, timeout=120, env=tool_env(),
-                          check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _json_line(driver: subprocess.Popen[str]) -> list:
+    assert driver.stdout is not None
+    line = driver.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the Ray driver exited with code {driver.wait()}")
+    return list(json.loads(line))
 
 
 def test_simulation_runs_across_two_ray_nodes(tmp_path: Path, ray_cluster: str) -> None:
     before = _children()
-    nodes = _cluster_tables(ray_cluster, wait_s=60)["nodes"]
-    assert len(nodes) == 2, f"the second Ray node did not join: {nodes}"
+    driver = subprocess.Popen([sys.executable, "-c", CLUSTER_TABLES, ray_cluster],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=tool_env())
+    try:
+        nodes = _json_line(driver)
+        assert len(nodes) == 2, f"the second Ray node did not join: {nodes}"
+        _run_and_check(tmp_path, ray_cluster, driver, nodes)
+    finally:
+        driver.kill()
+        driver.wait()
+    # the simulation's processes are gone; the cluster (stopped by the fixture) outlives it
+    left = []
+    for pid in _children() - before:
+        try:
+            if "ray" not in " ".join(psutil.Process(pid).cmdline()):
+                left.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    assert left == []
+
+
+def _run_and_check(tmp_path: Path, ray_cluster: str, driver: subprocess.Popen[str],
+                   nodes: list[str]) -> None:
     run_dir = tmp_path / "run"
     settings = finalize(compose_settings([
         "data.samples_per_hospital=64", "federation.rounds=1", "evaluation.bootstrap=0",
@@ -110,15 +133,9 @@ def test_simulation_runs_across_two_ray_nodes(tmp_path: Path, ray_cluster: str) 
     assert trained >= {"hospital-0", "hospital-1", "hospital-2"}
     # Flower sized its actor pool to the cluster (2 CPUs / 1 per hospital): one ClientApp
     # actor per node; with 3 hospitals queued per phase both actors took messages
-    tables = _cluster_tables(ray_cluster, wait_s=0)
-    flower = [a for a in tables["actors"] if a["class"] == "ClientAppActor"]
-    assert sorted(a["node"] for a in flower) == sorted(nodes), tables
-    # the simulation's processes are gone; the cluster (stopped by the fixture) outlives it
-    left = []
-    for pid in _children() - before:
-        try:
-            if "ray" not in " ".join(psutil.Process(pid).cmdline()):
-                left.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    assert left == []
+    assert driver.stdin is not None
+    driver.stdin.write("done\n")
+    driver.stdin.flush()
+    actors = _json_line(driver)
+    flower = [a for a in actors if a["class"] == "ClientAppActor"]
+    assert sorted(a["node"] for a in flower) == sorted(nodes), actors
