@@ -221,7 +221,8 @@ def main(argv: list[str]) -> int:
         rows = []
         for n in args.hospitals:
             rows.append(measure(n, args.rounds, overrides, workdir, args.interval))
-            print(f"# {n} hospitals done in {rows[-1].wall_s:.0f} s", file=sys.stderr, flush=True)
+            print(f"# {n} hospitals done in {rows[-1].wall_s:.0f} s:\n"
+                  + table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
         print(f"simulate.py federation.rounds={args.rounds} {' '.join(overrides)}".rstrip()
               + f" on {os.cpu_count()} cores; memory sampled every {args.interval} s")
         print(table(rows))
