@@ -131,7 +131,7 @@ def test_physical_chunks_take_one_accounted_step_per_logical_batch(mode: str,
     sizes: list[int] = []
     net.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
     privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, grad_sample_mode=mode,
-                            max_physical_batch=chunk)
+                            max_physical_batch=chunk, accountant="rdp")
     ledger = PrivacyLedger(tmp_path / "ledger.json")
     report = dp_train_round(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
                             loader=loader, task=CLS, device=torch.device("cpu"),
