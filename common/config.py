@@ -32,6 +32,9 @@ PRIVACY_MODES = ("none", "dp_sgd", "client_level")
 ACCOUNTANTS = ("prv", "rdp")
 CLIPPING_SIDES = ("server", "client")
 WIRE_DTYPES = ("float32", "float16")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost", "ew")
+ACTIVATIONS = ("prelu", "relu", "leakyrelu")
+UPSAMPLES = ("deconv", "resize")
 NORM_BOUNDS = ("median", "absolute", "none")
 OVER_NORM_ACTIONS = ("drop", "clip")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -115,6 +118,12 @@ class ModelConfig:
             covers ``features.conv0.weight``) or glob patterns (``*.bias``).
         freeze_rounds: rounds (1-based, from round 1) in which ``freeze``
             applies; must be >= 1 when ``freeze`` is set.
+        act: activation of cnn and unet: ``prelu`` (MONAI's default; Opacus
+            has no per-sample-gradient rule for it), ``relu`` or ``leakyrelu``
+            (no parameters, no per-sample gradients).
+        upsample: unet up-sampling: ``deconv`` (MONAI's transposed
+            convolution) or ``resize`` (nearest-neighbour resize, then a 3x3
+            convolution: MONAI's ``UpSample`` in ``nontrainable`` mode).
     """
 
     name: str = "cnn"
@@ -123,9 +132,13 @@ class ModelConfig:
     init_weights: str | None = None
     freeze: list[str] = field(default_factory=list)
     freeze_rounds: int = 0
+    act: str = "prelu"
+    upsample: str = "deconv"
 
     def __post_init__(self) -> None:
         _one_of("model.name", self.name, CLASSIFIERS + SEGMENTERS)
+        _one_of("model.act", self.act, ACTIVATIONS)
+        _one_of("model.upsample", self.upsample, UPSAMPLES)
         if not self.channels or min(self.channels) < 1:
             raise ConfigError(f"model.channels={list(self.channels)} must be positive integers")
         _fraction("model.dropout", self.dropout)
@@ -373,6 +386,14 @@ class PrivacyConfig:
         ledger_dir: folder of the simulated hospitals' privacy ledgers; empty
             = ``<run_dir>/privacy-ledgers`` (a fresh ledger per run). A
             deployed hospital sets its own ``ledger-path`` in its node config.
+        grad_sample_mode: how DP-SGD gets per-sample gradient norms (Opacus):
+            ``hooks``, ``functorch``, ``ghost`` (fast gradient clipping: two
+            backward passes, no stored per-sample gradients), ``ew``
+            (PyTorch expanded weights) or ``auto`` (the fastest measured for
+            the network, see ``client/dp_sgd.py``). All are exact.
+        max_physical_batch: DP-SGD: the most samples one forward/backward pass
+            takes; a larger Poisson batch is processed in chunks with one
+            (noised, accounted) step per logical batch. null or 0 = no limit.
     """
 
     mode: str = "none"
@@ -385,9 +406,14 @@ class PrivacyConfig:
     client_noise_multiplier: float = 0.5
     clipping_side: str = "server"
     ledger_dir: str = ""
+    grad_sample_mode: str = "auto"
+    max_physical_batch: int | None = 0
 
     def __post_init__(self) -> None:
         _one_of("privacy.mode", self.mode, PRIVACY_MODES)
+        _one_of("privacy.grad_sample_mode", self.grad_sample_mode, GRAD_SAMPLE_MODES)
+        if self.max_physical_batch is not None:
+            _positive("privacy.max_physical_batch", self.max_physical_batch, allow_zero=True)
         _one_of("privacy.accountant", self.accountant, ACCOUNTANTS)
         _one_of("privacy.clipping_side", self.clipping_side, CLIPPING_SIDES)
         _positive("privacy.target_epsilon", self.target_epsilon)
