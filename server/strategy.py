@@ -152,6 +152,7 @@ class CheckedStrategy(Strategy):
         self._expected: ArraySpec = {}
         self._global = ArrayRecord()
         self._sent: list[Message] = []
+        self._sent_to: dict[str, int] = {}
         self._hospital_of_node: dict[int, str] = {}
         self._phases: dict[str, PhaseReport] = {}
         self._wire: dict[str, int] = {}
@@ -180,6 +181,7 @@ class CheckedStrategy(Strategy):
             self.true_round(server_round), arrays, config, grid))
         self._wire = {"wire-bytes-train-sent": messages_bytes(self._sent),
                       "wire-messages-train-sent": len(self._sent)}
+        self._sent_to = {}
         return self._sent
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -188,17 +190,21 @@ class CheckedStrategy(Strategy):
         self._sent = list(self.strategy.configure_evaluate(
             self.true_round(server_round), arrays, config, grid))
         self._wire["wire-bytes-evaluate-sent"] = messages_bytes(self._sent)
+        self._sent_to = {}
         return self._sent
 
     def node_of(self, msg: Message) -> int:
         """The node a reply answers for: the destination of the message it replies to.
 
         (The grid sets message IDs on push; an error reply the SuperLink
-        writes for a node that died comes from the SuperLink itself.)
+        writes for a node that died comes from the SuperLink itself.) The
+        map is built once per phase, after the push: once per reply it made
+        checking a round's replies quadratic in the hospitals.
         """
-        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        if len(self._sent_to) != len(self._sent):
+            self._sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         meta = msg.metadata
-        return sent_to.get(meta.reply_to_message_id, meta.src_node_id)
+        return self._sent_to.get(meta.reply_to_message_id, meta.src_node_id)
 
     def hospital_of(self, msg: Message) -> str:
         """The hospital a reply answers for, by its node's first sound reply."""
