@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
-from typing import Any
 
 
 def import_monai_lean() -> None:
@@ -38,13 +37,13 @@ def import_monai_lean() -> None:
     spec = importlib.util.find_spec("monai")
     if spec is None or spec.loader is None:
         raise ImportError("MONAI is not installed (pip install monai)")
-    package: Any = importlib.util.module_from_spec(spec)
+    package = importlib.util.module_from_spec(spec)
     sys.modules["monai"] = package
     try:
         # monai.utils (needed for the walk switch) reads monai.__version__ on import
         version = importlib.import_module("monai._version")
         package.__version__ = str(version.get_versions().get("version", "0+unknown"))
-        walker: Any = importlib.import_module("monai.utils.module")
+        walker = importlib.import_module("monai.utils.module")
         eager = walker.load_submodules
         walker.load_submodules = lambda *args, **kwargs: ([], [])
         try:
