@@ -1,9 +1,6 @@
 """The hospital side: ClientApp, local training, DP-SGD, its privacy ledger and node command."""
 
 from common.cpu_waits import prefer_passive_waits
-from common.monai_import import import_monai_lean
 
 # Before any submodule imports torch (see common/cpu_waits.py)
 prefer_passive_waits()
-# Before any submodule imports MONAI: only the subpackages used (common/monai_import.py)
-import_monai_lean()

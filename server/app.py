@@ -11,11 +11,6 @@ model, ``best_model.pt``) and print which round was selected.
 
 from __future__ import annotations
 
-from common.monai_import import import_monai_lean
-
-# First, before anything imports MONAI: only the subpackages used (common/monai_import.py)
-import_monai_lean()
-
 import time
 import traceback
 from pathlib import Path

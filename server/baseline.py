@@ -17,11 +17,6 @@ names, ``selection`` included) into ``runs/<name>-central-<time>`` or ``run_dir`
 
 from __future__ import annotations
 
-from common.monai_import import import_monai_lean
-
-# First, before anything imports MONAI: only the subpackages used (common/monai_import.py)
-import_monai_lean()
-
 import json
 import sys
 import time
