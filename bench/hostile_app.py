@@ -19,7 +19,10 @@ Attacks (on the reply's weights ``w``, given the global weights ``g``):
   (a hospital missing from some rounds);
 - ``straggler_after_round_1``: trains honestly in round 1, then sleeps
   :data:`STRAGGLE_S` seconds before training in every later round (a
-  hospital that stalls but stays connected).
+  hospital that stalls but stays connected);
+- ``forgets_weights``: honest, but its node state loses the global weights
+  it keeps after each evaluation (:mod:`client.held_weights`), as a node
+  restarted between rounds would: it asks for them in full every round.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from client.app import app as medfed_app
+from client.held_weights import HELD_ARRAYS, HELD_DIGEST
 
 StateDict = dict[str, torch.Tensor]
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +75,10 @@ ARRAY_ATTACKS: dict[str, Callable[[StateDict, StateDict], StateDict]] = {
     "float16": _first_as(torch.float16),
     "complex64": _first_as(torch.complex64),
 }
-ATTACKS = (*ARRAY_ATTACKS, "num_examples_1e12", "absent_odd_rounds", "straggler_after_round_1")
+ATTACKS = (*ARRAY_ATTACKS, "num_examples_1e12", "absent_odd_rounds", "straggler_after_round_1",
+           "forgets_weights")
+HONEST_REPLIES = (None, "absent_odd_rounds", "straggler_after_round_1", "forgets_weights")
+"""Plans whose training replies (when they train) are MedFed's own, unchanged."""
 
 app = ClientApp()  # no mods of its own: MedFed's run inside medfed_app
 
@@ -85,7 +92,6 @@ def _plan() -> dict[int, str]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """MedFed's training reply, corrupted afterwards if this hospital is hostile."""
-    sent = msg.content.array_records["arrays"].to_torch_state_dict()
     attack = _plan().get(int(context.node_config["partition-id"]))
     round_ = msg.content.config_records["config"]["server-round"]
     if attack == "absent_odd_rounds" and int(str(round_)) % 2 == 1:
@@ -93,8 +99,10 @@ def train(msg: Message, context: Context) -> Message:
     if attack == "straggler_after_round_1" and int(str(round_)) > 1:
         time.sleep(STRAGGLE_S)
     reply = medfed_app(msg, context)
-    if attack in (None, "absent_odd_rounds", "straggler_after_round_1") or reply.has_error():
+    if attack in HONEST_REPLIES or reply.has_error():
         return reply
+    # the global weights trained from: sent, or held and put in place by MedFed's app
+    sent = msg.content.array_records["arrays"].to_torch_state_dict()
     if attack == "num_examples_1e12":
         metrics = dict(reply.content.metric_records["metrics"])
         reply.content["metrics"] = MetricRecord({**metrics, "num-examples": 1e12})
@@ -106,8 +114,12 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """MedFed's evaluation, unchanged."""
-    return medfed_app(msg, context)
+    """MedFed's evaluation, unchanged (its weights then lost, for ``forgets_weights``)."""
+    reply = medfed_app(msg, context)
+    if _plan().get(int(context.node_config["partition-id"])) == "forgets_weights":
+        for key in (HELD_ARRAYS, HELD_DIGEST):
+            context.state.pop(key, None)
+    return reply
 
 
 def hostile_project(root: Path, plan: dict[int, str]) -> Path:

@@ -10,12 +10,19 @@ figures the server writes per round into ``metrics.jsonl`` (the train
 phase's ``overall`` row): the protobuf size of every message the server
 sent and received (see :mod:`common.wire_cost`). Prints per round:
 
-- train bytes: the train messages (global weights + round config) to the
-  sampled hospitals plus their replies (updated weights + metrics);
+- train bytes: the train messages to the sampled hospitals plus their
+  replies (updated weights + metrics); a train message carries the global
+  weights + round config, or only their digest to a hospital that holds
+  them since the last evaluation (``digest``: how many did; ``resent``: how
+  many of those asked for the weights after all and were sent them in
+  full, both messages counted);
 - the wire ratio: train bytes / (2 x hospitals x model bytes), model bytes
   being the float32 model's elements x 4 (``final_model.pt``);
 - evaluate bytes: the evaluate messages (which carry the new global
-  weights again) and their metric-only replies, and the ratio with them;
+  weights) and their metric-only replies, and the ratio with them;
+- the ratio with evaluation over the steady rounds (2 on: round 1 sends the
+  initial weights to train, as no hospital holds them yet) and over the
+  whole run;
 - the run's headline metric (central test AUC, or overall Dice), and at
   the end float16 / float32: bytes and the metric's change.
 """
@@ -61,22 +68,43 @@ def run(overrides: list[str], run_dir: Path) -> None:
                    cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
+def total_bytes(row: dict) -> int:
+    """A round's bytes, train and evaluate, sent and received."""
+    return sum(int(row.get(f"wire-bytes-{phase}-{way}", 0))
+               for phase in ("train", "evaluate") for way in ("sent", "received"))
+
+
+def ratio_with_evaluation(rows: list[dict], size: int) -> float:
+    """Bytes of ``rows`` / (2 x hospitals x model bytes) summed over the same rounds."""
+    unit = sum(2 * int(r["wire-messages-train-sent"]) * size for r in rows)
+    return sum(total_bytes(r) for r in rows) / unit if unit else float("nan")
+
+
 def report(label: str, run_dir: Path) -> None:
     """Print one run's per-round wire figures."""
     size = model_bytes(run_dir)
     name, value = headline(run_dir)
     print(f"{label}: model {size} bytes (float32 elements x 4); {name} "
           f"{'n/a' if value is None else f'{value:.4f}'}")
-    print(f"{'round':>5} {'hospitals':>9} {'train sent':>11} {'train recv':>11} "
-          f"{'ratio':>6} {'eval sent':>10} {'eval recv':>10} {'ratio+eval':>10}")
-    for row in wire_rows(run_dir):
+    print(f"{'round':>5} {'hospitals':>9} {'digest':>6} {'resent':>6} {'train sent':>11} "
+          f"{'train recv':>11} {'ratio':>6} {'eval sent':>10} {'eval recv':>10} "
+          f"{'ratio+eval':>10}")
+    rows = wire_rows(run_dir)
+    for row in rows:
         sent, recv = row["wire-bytes-train-sent"], row["wire-bytes-train-received"]
         esent = row.get("wire-bytes-evaluate-sent", 0)
         erecv = row.get("wire-bytes-evaluate-received", 0)
         count = int(row["wire-messages-train-sent"])
+        digest = int(row.get("wire-messages-train-digest", 0))
+        resent = int(row.get("wire-messages-train-resent", 0))
         unit = 2 * count * size
-        print(f"{row['round']:>5} {count:>9} {sent:>11} {recv:>11} {(sent + recv) / unit:>6.3f} "
-              f"{esent:>10} {erecv:>10} {(sent + recv + esent + erecv) / unit:>10.3f}")
+        print(f"{row['round']:>5} {count:>9} {digest:>6} {resent:>6} {sent:>11} {recv:>11} "
+              f"{(sent + recv) / unit:>6.3f} {esent:>10} {erecv:>10} "
+              f"{ratio_with_evaluation([row], size):>10.3f}")
+    steady = [r for r in rows if r["round"] > rows[0]["round"]]
+    print(f"ratio+eval: steady rounds ({len(steady)}) "
+          f"{ratio_with_evaluation(steady, size):.3f}, whole run "
+          f"{ratio_with_evaluation(rows, size):.3f}")
 
 
 def main(argv: list[str]) -> int:

@@ -3,8 +3,9 @@
 Each handler reads the experiment settings and the hospital's own settings
 once at the top, calls a plain function of :mod:`client.local`, and packs
 the reply. Only model weights and scalar metrics leave the hospital. A run's
-privacy history lives in the hospital's ledger alone (nothing in the node's
-state), so a restarted node continues from it.
+privacy history lives in the hospital's ledger alone (the node's state holds
+only the last global weights received, :mod:`client.held_weights`), so a
+restarted node continues from it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from flwr.clientapp import ClientApp
 
 from client.clipping import client_level_clipping_mod
 from client.guard import only_weights_mod
+from client.held_weights import digest_named, held_weights_mod
 from client.hospital import RoundDeclinedError, hospital_from_node_config
 from client.local import evaluate_round, train_round
 from client.personalise import personalise_and_score
@@ -28,8 +30,9 @@ unreadable ledger)."""
 
 log = medfed_logger()
 
-# The guard is outermost: it sees the reply exactly as it would leave
-app = ClientApp(mods=[only_weights_mod, client_level_clipping_mod])
+# The guard is outermost: it sees the reply exactly as it would leave. Inside it,
+# held global weights go into a training message that names their digest.
+app = ClientApp(mods=[only_weights_mod, held_weights_mod, client_level_clipping_mod])
 
 
 @app.train()
@@ -39,6 +42,18 @@ def train(msg: Message, context: Context) -> Message:
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     hospital = hospital_from_node_config(context.node_config, settings)
     config = msg.content.config_records[wire.CONFIG]
+
+    # The global weights: sent, or held since the last evaluation (put in place by
+    # held_weights_mod); a node that does not hold them asks for them in full
+    if wire.ARRAYS not in msg.content.array_records:
+        digest = digest_named(msg)
+        named = f"with digest {digest[:12]}..." if digest else "(neither sent nor named)"
+        log.info("[MedFed] %s does not hold the global weights %s; asking for them",
+                 hospital.name, named)
+        return Message(Error(code=wire.WEIGHTS_NOT_HELD,
+                             reason=f"{hospital.name} does not hold the global weights "
+                                    f"{named}; send them in full"),
+                       reply_to=msg)
 
     # Train locally on the global weights (declined if the hospital's policy
     # forbids the round or DP-SGD would cross its ceiling)

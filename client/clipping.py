@@ -16,10 +16,13 @@ def client_level_clipping_mod(msg: Message, context: Context,
 
     The server's ``DifferentialPrivacyClientSideFixedClipping`` wrapper sends
     the clipping norm; this hospital clips its update to it before replying.
+    A training message without weights (a digest of weights this node does not
+    hold, :mod:`client.held_weights`) goes straight to the handler, which asks
+    for them.
     """
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     privacy = settings.privacy
     if msg.metadata.message_type == "train" and privacy.mode == "client_level" \
-            and privacy.clipping_side == "client":
+            and privacy.clipping_side == "client" and wire.ARRAYS in msg.content.array_records:
         return fixedclipping_mod(msg, context, call_next)
     return call_next(msg, context)

@@ -1,7 +1,10 @@
 """Only weights leave a hospital: a ClientApp mod that checks every outgoing reply.
 
 The guard sits outermost among the ClientApp's mods, so it sees each reply
-exactly as it would leave the hospital. What may leave:
+exactly as it would leave the hospital. A training message that names the
+digest of global weights the hospital holds instead of carrying them
+(:mod:`client.held_weights`) counts as received with those weights. What
+may leave:
 
 - a reply to a ``train`` message: ArrayRecords with exactly the record
   names, array keys, shapes and dtypes of the ArrayRecords received, finite
@@ -37,6 +40,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.held_weights import received_content
 from client.hospital import allowed_metrics
 from common import wire
 from common.config import settings_from_json
@@ -96,7 +100,7 @@ def _checked_arrays(name: str, record: ArrayRecord,
             cast = (f" as {wire_dtype} (values beyond its range overflow to inf)"
                     if str(values.dtype) != found[1] else "")
             raise RefusedReplyError(f"array {name}.{key} has non-finite values{cast}")
-        clean[key] = Array(np.ascontiguousarray(values))
+        clean[key] = Array(np.asarray(values, order="C"))  # keeps a 0-d array 0-d
     return ArrayRecord(array_dict=clean)
 
 
@@ -207,7 +211,7 @@ def only_weights_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         The checked reply, or an error reply (:data:`REFUSED` when the
         reply was refused, :data:`RAISED` when the ClientApp raised).
     """
-    expected = array_spec(msg.content)  # before the ClientApp can touch msg
+    expected = array_spec(received_content(msg, context))  # before the ClientApp runs
     try:
         reply = call_next(msg, context)
     except Exception as err:  # noqa: BLE001 - the details stay at the hospital

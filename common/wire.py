@@ -23,6 +23,12 @@ CONFIG = "config"
 
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"
+GLOBAL_DIGEST = "global-digest"
+"""Train config key sent instead of the global weights to a hospital that holds them
+(:func:`common.digest.arrays_digest` of the weights it was last sent to evaluate)."""
+WEIGHTS_NOT_HELD = 4007
+"""Error code of a training reply from a hospital that does not hold the weights a
+``global-digest`` names (a restarted node, other weights): the server resends them in full."""
 
 NUM_EXAMPLES = "num-examples"
 """Samples (not batches) a reply is based on: FedAvg's weighting key."""

@@ -119,7 +119,8 @@ def run(grid: Grid, settings: Settings) -> dict:
         try:
             strategy.start(
                 grid=PromptGrid(grid, name_of=checked.hospital_of_node,
-                                window=simulation_window(grid, settings)),
+                                window=simulation_window(grid, settings),
+                                resend=checked.resend),
                 initial_arrays=ArrayRecord(weights),
                 num_rounds=rounds - done,
                 timeout=settings.federation.round_timeout_s,

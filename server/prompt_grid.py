@@ -23,6 +23,13 @@ time limit (Flower's ``timeout``, ``federation.round_timeout_s``) closes it
 without them. Replies are pulled by the IDs of the messages this call
 pushed, so a straggler's late reply to an earlier phase is never returned
 with a later one (the SuperLink keeps it until its TTL; nothing reads it).
+
+With ``resend`` (the ServerApp passes
+:meth:`server.strategy.CheckedStrategy.resend`), each reply is offered to it
+as it arrives: a hospital that was sent only the digest of weights it turns
+out not to hold asks for them, and the message ``resend`` returns (the
+weights in full) is pushed in its place at once, within the phase's time
+limit; the ask itself is not returned.
 """
 
 from __future__ import annotations
@@ -57,9 +64,11 @@ class PromptGrid(Grid):
 
     def __init__(self, inner: Grid, max_interval_s: float = MAX_INTERVAL_S, *,
                  name_of: Callable[[int], str] = lambda node: f"node {node}",
-                 progress_every_s: float = PROGRESS_EVERY_S, window: int | None = None) -> None:
+                 progress_every_s: float = PROGRESS_EVERY_S, window: int | None = None,
+                 resend: Callable[[Message], Message | None] | None = None) -> None:
         """Wrap ``inner``; ``name_of`` names a node id's hospital in progress lines;
-        ``window``: the most messages outstanding at a time (None: all at once)."""
+        ``window``: the most messages outstanding at a time (None: all at once);
+        ``resend``: a reply -> the message to push instead of returning it, or None."""
         if max_interval_s <= 0:
             raise ValueError(f"max_interval_s must be > 0 seconds, got {max_interval_s}")
         if progress_every_s <= 0:
@@ -71,6 +80,8 @@ class PromptGrid(Grid):
         self._max_interval_s = max_interval_s
         self._name_of = name_of
         self._progress_every_s = progress_every_s
+        self.resend = resend
+        """Asked about every reply; a strategy digests messages only to a grid that resends."""
 
     def set_run(self, run: Run) -> None:
         """Set the run this grid operates in (delegated)."""
@@ -121,7 +132,8 @@ class PromptGrid(Grid):
         With a ``window``, at most that many messages are outstanding at a
         time; each reply lets the next one go; when the time limit closes
         the phase, the rest are pushed as well (as without a window, their
-        late replies are never read).
+        late replies are never read). A reply for which ``resend`` gives a
+        message is replaced by that message, pushed next.
         """
         unsent = deque(messages)
         window = self._window or max(len(unsent), 1)
@@ -139,8 +151,13 @@ class PromptGrid(Grid):
         interval = FIRST_INTERVAL_S
         while pending or unsent:
             arrived = list(self._inner.pull_messages(pending)) if pending else []
-            replies.extend(arrived)
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            for reply in arrived:
+                again = self.resend(reply) if self.resend is not None else None
+                if again is None:
+                    replies.append(reply)
+                else:
+                    unsent.appendleft(again)
             push(window - len(pending))
             if not pending and not unsent:
                 break

@@ -21,7 +21,14 @@ DP wrappers hold theirs, and adds, around its ``configure_*`` /
   soundly fails the run with a clear message (Flower alone would go on);
 - each phase's sound replies and aggregate become one
   :class:`~server.round_report.PhaseReport`, taken by the ServerApp's
-  end-of-round function (:meth:`CheckedStrategy.take_report`).
+  end-of-round function (:meth:`CheckedStrategy.take_report`);
+- sound training replies are aggregated in the order of their hospitals
+  (not of their arrival), so a run's aggregates do not depend on which
+  hospital finished first;
+- a training message to a hospital that holds the weights it would carry
+  (it answered the last evaluation, whose weights had the same digest)
+  carries only their digest (:mod:`server.held_weights`), when the grid
+  resends the full message to a hospital that asks (:meth:`CheckedStrategy.resend`).
 
 Replies name hospitals: a node's hospital is learnt from its first sound
 reply (its ``hospital`` index); a node not yet identified is named by its
@@ -54,12 +61,16 @@ from flwr.serverapp.strategy import (
 from common import wire
 from common.config import Settings, StrategyConfig
 from common.intervals import overall_intervals
-from common.wire_cost import messages_bytes
+from common.logs import medfed_logger
+from common.wire_cost import message_bytes, messages_bytes
 from common.wire_dtype import MODEL_DTYPE, from_wire, reply_spec
+from server.held_weights import HeldWeights
 from server.influence import bound_influence
 from server.replies import ArraySpec, array_spec, evaluate_reply_problem, train_reply_problem
 from server.report import RunRecorder
 from server.round_report import PhaseReport, RoundReport
+
+log = medfed_logger()
 
 
 class RoundFailedError(RuntimeError):
@@ -157,6 +168,8 @@ class CheckedStrategy(Strategy):
         self._phases: dict[str, PhaseReport] = {}
         self._wire: dict[str, int] = {}
         """Bytes of the round's messages (``wire-bytes-*``, see :mod:`common.wire_cost`)."""
+        self.held = HeldWeights()
+        """Which global weights each hospital holds (training messages as digests)."""
 
     def true_round(self, server_round: int) -> int:
         """The round's number counted over a resumed run's earlier rounds (the one offset)."""
@@ -171,7 +184,10 @@ class CheckedStrategy(Strategy):
         """Send the round with its true number; remember the shapes sent.
 
         Server-side optimisers (FedAdam...) compute in float64 numpy; the
-        model is float32, so float64 arrays are sent back as float32.
+        model is float32, so float64 arrays are sent back as float32. When
+        ``grid`` resends on this strategy's behalf (its ``resend`` is
+        :meth:`resend`), a hospital that holds the weights is sent their
+        digest instead (:meth:`server.held_weights.HeldWeights.lighten`).
         """
         arrays = as_float32(arrays)
         self._expected = reply_spec(array_spec(arrays), self.wire_dtype)
@@ -179,16 +195,47 @@ class CheckedStrategy(Strategy):
         self._phases = {}
         self._sent = list(self.strategy.configure_train(
             self.true_round(server_round), arrays, config, grid))
+        if getattr(grid, "resend", None) == self.resend:
+            self._sent = self.held.lighten(self._sent)
         self._wire = {"wire-bytes-train-sent": messages_bytes(self._sent),
-                      "wire-messages-train-sent": len(self._sent)}
+                      "wire-bytes-train-received": 0,
+                      "wire-messages-train-sent": len(self._sent),
+                      "wire-messages-train-digest": self.held.lightened,
+                      "wire-messages-train-resent": 0}
         self._sent_to = {}
         return self._sent
 
+    def resend(self, reply: Message) -> Message | None:
+        """The training message with the weights, for a hospital that asks for them.
+
+        Called by the grid (:class:`server.prompt_grid.PromptGrid`) for every
+        reply as it arrives: for a :data:`common.wire.WEIGHTS_NOT_HELD` reply
+        to a digest message of this phase, the full message (then pushed in
+        its place, its bytes and the ask's counted in ``wire-bytes-train-*``);
+        for any other reply, None.
+        """
+        full = self.held.full_for(reply)
+        if full is None:
+            return None
+        asked = reply.metadata.reply_to_message_id
+        self._sent = [full if m.metadata.message_id == asked else m for m in self._sent]
+        self._sent_to = {}
+        self._wire["wire-bytes-train-sent"] += message_bytes(full)
+        self._wire["wire-bytes-train-received"] += message_bytes(reply)
+        self._wire["wire-messages-train-resent"] += 1
+        log.info("[MedFed] %s does not hold the global weights; sent them in full",
+                 self.hospital_of_node(full.metadata.dst_node_id))
+        return full
+
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Send the evaluation with its true round number."""
+        """Send the evaluation with its true round number (float64 arrays as float32).
+
+        Note the weights each hospital is sent (:class:`server.held_weights.HeldWeights`).
+        """
         self._sent = list(self.strategy.configure_evaluate(
-            self.true_round(server_round), arrays, config, grid))
+            self.true_round(server_round), as_float32(arrays), config, grid))
+        self.held.sent_to_evaluate(self._sent)
         self._wire["wire-bytes-evaluate-sent"] = messages_bytes(self._sent)
         self._sent_to = {}
         return self._sent
@@ -272,18 +319,20 @@ class CheckedStrategy(Strategy):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Check and bound the training replies, then aggregate the sound ones."""
         replies = list(replies)
-        self._wire["wire-bytes-train-received"] = messages_bytes(replies)
+        self._wire["wire-bytes-train-received"] = (self._wire.get("wire-bytes-train-received", 0)
+                                                   + messages_bytes(replies))
         return self.aggregate_checked(server_round,
                                       self.sound_train_replies(server_round, replies))
 
     def aggregate_checked(self, server_round: int, sound: list[Message]
                           ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate training replies already checked; fail if too few.
+        """Aggregate training replies already checked, in hospital order; fail if too few.
 
         Raises:
             RoundFailedError: fewer than ``federation.min_train`` replies.
         """
         round_ = self.true_round(server_round)
+        sound = sorted(sound, key=self._hospital_order)
         self.last_aggregated = len(sound)
         if len(sound) < self.min_train:
             raise RoundFailedError(
@@ -301,6 +350,7 @@ class CheckedStrategy(Strategy):
         round_ = self.true_round(server_round)
         replies = list(replies)
         self._wire["wire-bytes-evaluate-received"] = messages_bytes(replies)
+        self.held.evaluated({self.node_of(m) for m in replies if not m.has_error()})
         sound = self._sound(round_, "evaluate", replies)
         if len(sound) < self.min_evaluate:
             self.recorder.failure(round_, "evaluate", "overall",
@@ -311,6 +361,12 @@ class CheckedStrategy(Strategy):
         self._phases["evaluate"] = PhaseReport(
             "evaluate", tuple(dict(m.content[wire.METRICS]) for m in sound), dict(metrics or {}))
         return metrics
+
+    def _hospital_order(self, reply: Message) -> tuple[float, int]:
+        """A sound reply's place in aggregation: its hospital's index, then its node."""
+        index = reply.content.metric_records[wire.METRICS].get(wire.HOSPITAL)
+        number = isinstance(index, int | float) and not isinstance(index, bool)
+        return (float(index) if number else math.inf, self.node_of(reply))  # type: ignore[arg-type]
 
     def take_report(self, server_round: int) -> RoundReport:
         """The round's train and evaluate phases, as one report (and forget them).
