@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -20,10 +21,13 @@ from common import wire
 from common.config import Settings, settings_to_json
 from common.logs import medfed_logger
 from common.processes import stop_pids, tool_env
+from server.app_stage import stage_app
 from server.report import SUMMARY_FILE
 
 RUN_CONFIG_FILE = "run_config.toml"
 FLWR_LOG = "flwr_run.log"
+APP_STAGE = ".flwr-app"
+"""Folder of the run folder holding the app's files while ``flwr run`` bundles them."""
 
 log = medfed_logger()
 
@@ -110,7 +114,9 @@ def submit_and_follow(
     """
     run_dir = Path(settings.run_dir)
     write_flwr_config(flwr_home, connection)
-    argv = [flwr_bin("flwr"), "run", str(project_dir), connection.name,
+    # The app's files, copied where Flower's bundle walk is quick (server/app_stage.py)
+    stage = stage_app(project_dir, run_dir / APP_STAGE)
+    argv = [flwr_bin("flwr"), "run", str(stage), connection.name,
             "--run-config", str(write_run_config(settings, run_dir)), "--stream"]
     if federation_config:
         pairs = " ".join(f"{k}={json.dumps(v)}" for k, v in federation_config.items())
@@ -131,6 +137,7 @@ def submit_and_follow(
         finally:
             if proc.poll() is None:
                 stop_pids([proc.pid])
+            shutil.rmtree(stage, ignore_errors=True)
     if not summary_path.exists():
         error = run_dir / "error.txt"
         reason = error.read_text().splitlines()[0] if error.exists() else _last_error(
