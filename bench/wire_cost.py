@@ -122,9 +122,11 @@ def main(argv: list[str]) -> int:
     received = row16["wire-bytes-train-received"] / row32["wire-bytes-train-received"]
     total = ((row16["wire-bytes-train-sent"] + row16["wire-bytes-train-received"])
              / (row32["wire-bytes-train-sent"] + row32["wire-bytes-train-received"]))
-    print(f"float16 / float32, last round: reply bytes x{received:.3f}, train bytes x{total:.3f}")
+    rounds = total_bytes(row16) / total_bytes(row32)
+    print(f"float16 / float32, last round: reply bytes x{received:.3f}, train bytes x{total:.3f}, "
+          f"train + evaluate bytes x{rounds:.3f}")
     if f32 is not None and f16 is not None:
-        print(f"{name}: float32 {f32:.4f}, float16 {f16:.4f}, change {f16 - f32:+.4f}")
+        print(f"{name}: float32 {f32:.6f}, float16 {f16:.6f}, change {f16 - f32:+.2e}")
     return 0
 
 

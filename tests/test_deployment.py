@@ -214,6 +214,11 @@ def test_three_hospitals_train_over_tls_and_a_stranger_is_refused(
     assert all(0 <= m["auc"] <= 1 for m in summary["hospitals"].values())
     assert fed.rounds_done() == [1, 2]
     assert not [r for r in fed.rows() if "error" in r]  # every reply was sound
+    # round 2's training messages named the weights each node's state kept since the
+    # evaluation of round 1 (client.held_weights), and no node had to ask for them
+    overall = [r for r in fed.rows() if r["phase"] == "train" and r["hospital"] == "overall"]
+    assert [r["wire-messages-train-digest"] for r in overall] == [0, 3]
+    assert [r["wire-messages-train-resent"] for r in overall] == [0, 0]
     assert stranger.wait(timeout_s=30) != 0
     assert "refused this hospital's key" in output(stranger)
     assert "registered as node" in output(server)

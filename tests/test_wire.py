@@ -35,7 +35,7 @@ from server.held_weights import digest_message
 from server.prompt_grid import PromptGrid
 from server.replies import array_spec, train_reply_problem
 from server.report import RunRecorder
-from server.strategy import build_strategy
+from server.strategy import as_float32, build_strategy
 from simulate import simulate
 from tests.conftest import small_settings
 from tests.test_scale import (
@@ -309,6 +309,28 @@ def test_strategy_sends_a_digest_only_where_the_weights_are_held(
     assert strategy.resend(ask) is None  # once per digest message
     declined = Message(Error(code=4001, reason="declined"), reply_to=sent[1])
     assert strategy.resend(declined) is None
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedprox"])
+@pytest.mark.usefixtures("flower_identity")
+def test_server_optimisers_and_fedprox_send_digests_too(
+        name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """FedAdam's float64 aggregate is evaluated and trained as the same float32 weights;
+    FedProx's ``proximal-mu`` stays in the digest message's config."""
+    loop = _engine(request)
+    strategy = build_strategy(small_settings(tmp_path, f"strategy={name}"),
+                              RunRecorder(tmp_path / "run", "classification", 2, ["a"]))
+    grid = PromptGrid(loop.grid, resend=strategy.resend)
+    aggregate = ArrayRecord({k: v.double() if v.is_floating_point() else v
+                             for k, v in WEIGHTS.items()})
+    evaluation = list(strategy.configure_evaluate(1, aggregate, ConfigRecord(), grid))
+    assert evaluation[0].content.array_records[wire.ARRAYS]["conv.weight"].dtype == "float32"
+    strategy.aggregate_evaluate(1, grid.send_and_receive(evaluation, timeout=30))
+    sent = list(strategy.configure_train(2, aggregate, ConfigRecord({"local-epochs": 1}), grid))
+    assert all(wire.ARRAYS not in m.content.array_records for m in sent)
+    config = sent[0].content.config_records[wire.CONFIG]
+    assert config[wire.GLOBAL_DIGEST] == arrays_digest(as_float32(aggregate))
+    assert (wire.PROXIMAL_MU in config) == (name == "fedprox")
 
 
 def test_prompt_grid_pushes_what_resend_gives_in_place_of_a_reply(
