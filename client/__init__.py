@@ -1,6 +1,9 @@
 """The hospital side: ClientApp, local training, DP-SGD, its privacy ledger and node command."""
 
 from common.cpu_waits import prefer_passive_waits
+from common.monai_import import lean_monai_imports
 
 # Before any submodule imports torch (see common/cpu_waits.py)
 prefer_passive_waits()
+# Before any submodule imports MONAI (see common/monai_import.py)
+lean_monai_imports()

@@ -10,6 +10,10 @@ restarted node continues from it.
 
 from __future__ import annotations
 
+# First of all: MONAI imported once, whole, before another thread can race it
+# (Flower's simulation process imports the ServerApp and the ClientApp at once)
+import common.monai_first  # noqa: F401  # isort: skip
+
 from flwr.app import ArrayRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 

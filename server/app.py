@@ -11,6 +11,10 @@ model, ``best_model.pt``) and print which round was selected.
 
 from __future__ import annotations
 
+# First of all: MONAI imported once, whole, before another thread can race it
+# (Flower's simulation process imports the ServerApp and the ClientApp at once)
+import common.monai_first  # noqa: F401  # isort: skip
+
 import time
 import traceback
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Idle OpenMP threads wait passively in every MedFed process (common/cpu_waits.py)."""
+"""Every MedFed process starts with passive OpenMP waits and a lean MONAI import."""
 
 from __future__ import annotations
 
@@ -33,3 +33,43 @@ def test_processes_started_by_medfed_inherit_the_policy() -> None:
     import server  # noqa: F401  (sets the policy in this process)
 
     assert tool_env()["OMP_WAIT_POLICY"] == os.environ["OMP_WAIT_POLICY"]
+
+
+# Threads released together import the ServerApp and the ClientApp, as Flower's
+# simulation process does (without common.monai_first, MONAI's own import and the
+# lean one alike fail so now and then with "partially initialized module")
+CONCURRENT_IMPORTS = """
+import importlib, sys, threading
+names = sys.argv[1:]
+barrier, errors = threading.Barrier(len(names)), []
+def load(name):
+    barrier.wait()
+    try:
+        importlib.import_module(name)
+    except BaseException as err:
+        errors.append(f"{name}: {err!r}")
+threads = [threading.Thread(target=load, args=(n,)) for n in names]
+[t.start() for t in threads]; [t.join() for t in threads]
+import torch
+from monai.networks.nets import UNet
+net = UNet(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
+shape = tuple(net(torch.zeros(1, 1, 16, 16)).shape)
+walked = "monai.apps.detection.networks.retinanet_detector" in sys.modules
+print(errors, shape, walked)
+"""
+APPS = ["server.app", "client.app", "client.app", "server.app"]
+
+
+def _imports(env: dict[str, str]) -> str:
+    out = subprocess.run([sys.executable, "-c", CONCURRENT_IMPORTS, *APPS], env=env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_apps_imported_by_threads_at_once_load_monai_lean_and_whole() -> None:
+    env = {k: v for k, v in tool_env().items() if k != "MEDFED_MONAI_IMPORT"}
+    assert _imports(env) == "[] (1, 2, 16, 16) False"
+
+
+def test_monai_own_import_is_kept_on_request() -> None:
+    assert _imports({**tool_env(), "MEDFED_MONAI_IMPORT": "eager"}) == "[] (1, 2, 16, 16) True"
