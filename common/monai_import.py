@@ -57,7 +57,7 @@ class _LeanLoader(importlib.abc.Loader):
     def exec_module(self, module: ModuleType) -> None:
         # monai.utils (where the walk lives) reads monai.__version__ when imported
         version: Any = importlib.import_module("monai._version")
-        module.__version__ = str(version.get_versions().get("version", "0+unknown"))
+        module.__dict__["__version__"] = str(version.get_versions().get("version", "0+unknown"))
         walker: Any = importlib.import_module("monai.utils.module")
         eager = walker.load_submodules
         walker.load_submodules = lambda *args, **kwargs: ([], [])
