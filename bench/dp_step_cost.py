@@ -10,7 +10,10 @@ peak memories do not mix: plain training, then DP-SGD in every Opacus
 ``privacy.grad_sample_mode`` (hooks, functorch, ghost, ew, and what ``auto``
 resolves to), for the default network and for its variants with fast Opacus
 paths (``model.act=relu``; for the U-Net with ``model.upsample=resize``);
-what ``auto`` resolves to is printed per network.
+what ``auto`` resolves to is printed per network. Each DP mode also runs
+with ``privacy.max_physical_batch`` (``--physical``, 8 by default; rows
+``MODE/p8``): Poisson batches processed in chunks of at most 8 samples, one
+noised step per logical batch, which bounds DP's memory.
 Every process uses the same ``torch.set_num_threads`` (``--threads``, 1 by
 default: on a shared machine more threads than free cores make timings
 spin-wait noise, for plain and DP alike).
@@ -55,7 +58,15 @@ def _model_options(variant: str) -> dict[str, str]:
 
 def measure(name: str, variant: str, batch: int, mode: str, device: str,
             steps: int) -> dict[str, float | str]:
-    """Time ``steps`` training steps of one configuration (run in a fresh process)."""
+    """Time ``steps`` training steps of one configuration (run in a fresh process).
+
+    ``mode`` is ``plain``, an Opacus ``grad_sample_mode``, or ``MODE/pN``: that
+    mode with ``privacy.max_physical_batch=N`` (Opacus' BatchMemoryManager, as
+    client/dp_round.py runs it), where a step is one logical (Poisson) batch:
+    every chunk's forward and backward plus the one noised optimizer step.
+    """
+    import contextlib
+
     import torch
 
     sys.path.insert(0, str(ROOT))
@@ -76,7 +87,10 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
     optimizer: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     criterion = make_loss(task)
+    mode, _, chunk = mode.partition("/p")
+    physical = int(chunk or 0)
     resolved = mode
+    chunks = contextlib.ExitStack()
     if mode != "plain":
         privacy = PrivacyConfig(mode="dp_sgd", noise_multiplier=1.0, grad_sample_mode=mode)
         dp_round = make_private(model=model, optimizer=optimizer, loader=poisson_loader(loader),
@@ -86,25 +100,36 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
         optimizer, loader, resolved = dp_round.optimizer, dp_round.loader, dp_round.mode
         model = dp_round.model
         criterion = dp_round.criterion or criterion
+        if physical:
+            from opacus.utils.batch_memory_manager import BatchMemoryManager
+            loader = chunks.enter_context(BatchMemoryManager(
+                data_loader=loader, optimizer=optimizer, max_physical_batch_size=physical))
+            resolved = f"{resolved}/p{physical}"
     base_mb = _peak_rss_mb()
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mb = torch.cuda.memory_allocated() / 2**20
-    times = []
-    for i, (xb, yb) in enumerate(loader):
-        if xb.shape[0] == 0:
-            continue
-        xb, yb = xb.to(dev), yb.to(dev)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        criterion(model(xb), yb).backward()
-        optimizer.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:  # warm-up steps excluded
-            times.append(time.perf_counter() - started)
+    times: list[float] = []
+    logical, spent = 0, 0.0
+    with chunks:
+        for xb, yb in loader:
+            if xb.shape[0] == 0:
+                continue
+            xb, yb = xb.to(dev), yb.to(dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            criterion(model(xb), yb).backward()
+            optimizer.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            spent += time.perf_counter() - started
+            if getattr(optimizer, "_is_last_step_skipped", False):
+                continue  # a chunk of a logical batch: its step comes with the last chunk
+            if logical >= 2:  # warm-up steps excluded
+                times.append(spent)
+            logical, spent = logical + 1, 0.0
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb())
     return {"step_ms": 1000 * min(times), "peak_mb": peak - base_mb, "resolved": resolved}
 
@@ -135,6 +160,9 @@ def main(argv: list[str]) -> int:
                         help="DP modes (default: all that run on the model)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="model variants (default: all of each model's)")
+    parser.add_argument("--physical", type=int, default=8,
+                        help="also run each DP mode with privacy.max_physical_batch=N "
+                             "(rows MODE/pN; 0 = off)")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -165,7 +193,9 @@ def main(argv: list[str]) -> int:
                     continue
                 default_plain = default_plain or plain
                 _row(name, variant, batch, "plain", plain, plain, default_plain)
-                for mode in args.modes or modes:
+                chunked = ([f"{m}/p{args.physical}" for m in args.modes or modes]
+                           if 0 < args.physical < batch else [])
+                for mode in [*(args.modes or modes), *chunked]:
                     res = _run_one(args, name, variant, batch, mode)
                     if res is not None:
                         _row(name, variant, batch, mode, res, plain, default_plain)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from common.processes import tool_env
+from common.processes import RAY_START_ENV, tool_env
 
 
 def _run(code: str, env: dict[str, str]) -> str:
@@ -73,3 +73,26 @@ def test_apps_imported_by_threads_at_once_load_monai_lean_and_whole() -> None:
 
 def test_monai_own_import_is_kept_on_request() -> None:
     assert _imports({**tool_env(), "MEDFED_MONAI_IMPORT": "eager"}) == "[] (1, 2, 16, 16) True"
+
+
+def test_ray_starts_no_idle_workers_for_medfeds_processes() -> None:
+    """A real local Ray, started with MedFed's environment, prestarts no worker.
+
+    Flower's actors run in a job runtime environment, so workers Ray starts
+    ahead for the bare driver are never used: on 2 cores they only delay the
+    hospitals' start (common/processes.py, RAY_START_ENV).
+    """
+    code = ("import time, psutil, ray; ray.init(num_cpus=2, include_dashboard=False); "
+            "time.sleep(4); me = psutil.Process(); "  # an idle worker's title is ray::IDLE
+            "print(sum(p.name() == 'ray::IDLE' for p in me.children(recursive=True)))")
+    env = {k: v for k, v in tool_env().items() if k != "RAY_prestart_worker_first_driver"}
+    assert tool_env()["RAY_prestart_worker_first_driver"] == "0"
+    assert _run(code, {**env, **RAY_START_ENV}) == "0"
+    assert _run(code, {**env, "RAY_prestart_worker_first_driver": "1"}) != "0"  # the default
+
+
+def test_a_ray_setting_the_user_exported_is_kept() -> None:
+    env = {**os.environ, "RAY_prestart_worker_first_driver": "1"}
+    code = ("from common.processes import tool_env; "
+            "print(tool_env()['RAY_prestart_worker_first_driver'])")
+    assert _run(code, env) == "1"

@@ -22,6 +22,8 @@ def _children() -> set[int]:
 
 
 def test_default_simulation_end_to_end(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     before = _children()
     run_dir = tmp_path / "run"
     code = main(["data.samples_per_hospital=96", "federation.rounds=2", f"run_dir={run_dir}"])
@@ -49,8 +51,11 @@ def test_default_simulation_end_to_end(tmp_path: Path) -> None:
     phases = {(r["round"], r["phase"]) for r in rows}
     assert phases >= {(1, "train"), (2, "evaluate"), (2, "central")}
     assert {r["hospital"] for r in rows if r["phase"] == "train"} >= {"hospital-0", "overall"}
-    for name in ("config.yaml", "final_model.pt", "checkpoint.pt"):
+    for name in ("config.yaml", "final_model.pt", "checkpoint.pt", "report.html"):
         assert (run_dir / name).is_file()
+    events = EventAccumulator(str(run_dir / "tensorboard"))  # tracking=tensorboard, the default
+    events.Reload()
+    assert {"evaluate/auc/hospital-0", "train/train-loss/overall"} <= set(events.Tags()["scalars"])
     # every process the simulation started has been stopped
     assert _children() - before == set()
 
