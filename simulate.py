@@ -100,7 +100,6 @@ def simulate(settings: Settings, *, verbose: bool = False, project_dir: Path = P
                 **ray_init_args(fed),
             },
             verbose=verbose,
-            until_complete=True,
         )
 
 

@@ -41,7 +41,7 @@ from server.clinical import clinical_summary
 from server.initial_model import initial_model
 from server.personalisation import extend_summary, personalise
 from server.prompt_grid import PromptGrid, simulation_window
-from server.report import ERROR_FILE, RUN_COMPLETE, RunRecorder
+from server.report import ERROR_FILE, RunRecorder
 from server.round_end import RoundEnd
 from server.run_report import write_report_safely
 from server.selection import BEST_MODEL, STATE_KEY, EarlyStop, Selection
@@ -178,7 +178,6 @@ def main(grid: Grid, context: Context) -> None:
     settings = settings_from_json(str(context.run_config[wire.RUN_CONFIG_KEY]))
     try:
         run(grid, settings)
-        log.info(RUN_COMPLETE)
     except BaseException as err:
         error_path = Path(settings.run_dir) / ERROR_FILE
         error_path.parent.mkdir(parents=True, exist_ok=True)

@@ -32,10 +32,6 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 # Why a run failed, first line first (written by the ServerApp or the launcher)
 ERROR_FILE = "error.txt"
-# The ServerApp's last line: every file of the run is written (summary, model,
-# report); what Flower does after it (Ray's shutdown, the log stream's end) is
-# not MedFed's work, so a simulation's launcher may stop the processes then
-RUN_COMPLETE = "[MedFed] server finished: every file of the run is written"
 PRIVACY_KEYS = (wire.EPSILON, wire.DELTA, wire.NOISE_MULTIPLIER, wire.SAMPLE_RATE, wire.DP_STEPS)
 HEADLINE = {"classification": "auc", "segmentation": "dice"}
 

@@ -22,7 +22,7 @@ from common.config import Settings, settings_to_json
 from common.logs import medfed_logger
 from common.processes import stop_pids, tool_env
 from server.app_stage import stage_app
-from server.report import RUN_COMPLETE, SUMMARY_FILE
+from server.report import SUMMARY_FILE
 
 RUN_CONFIG_FILE = "run_config.toml"
 FLWR_LOG = "flwr_run.log"
@@ -102,16 +102,11 @@ def submit_and_follow(
     flwr_home: Path,
     federation_config: Mapping[str, object] | None = None,
     verbose: bool = False,
-    until_complete: bool = False,
 ) -> dict:
     """Submit the run, stream its log, and return ``summary.json``.
 
     Lines tagged ``[MedFed]`` (round progress), warnings about hospitals and
     errors are echoed; the full log goes to ``run_dir/flwr_run.log``.
-    With ``until_complete`` (a simulation, whose SuperLink the caller stops
-    next) following ends at the ServerApp's ``RUN_COMPLETE`` line instead of
-    at ``flwr run``'s exit, which comes 3-4 s later (Flower's shutdown of Ray
-    and of its log stream); ``flwr run`` is then stopped by PID.
 
     Raises:
         RunFailedError: the run ended without writing its summary (the
@@ -131,7 +126,6 @@ def submit_and_follow(
     with open(run_dir / FLWR_LOG, "a") as log_file:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=flwr_env(flwr_home), cwd=project_dir, start_new_session=True)
-        completed = False
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -139,10 +133,7 @@ def submit_and_follow(
                 log_file.flush()
                 if verbose or _is_progress(line):
                     print(line.rstrip(), flush=True)
-                if until_complete and RUN_COMPLETE in line:
-                    completed = True
-                    break
-            code = None if completed else proc.wait()
+            code = proc.wait()
         finally:
             if proc.poll() is None:
                 stop_pids([proc.pid])
