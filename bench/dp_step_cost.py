@@ -11,9 +11,9 @@ peak memories do not mix: plain training, then DP-SGD in every Opacus
 resolves to), for the default network and for its variants with fast Opacus
 paths (``model.act=relu``; for the U-Net with ``model.upsample=resize``);
 what ``auto`` resolves to is printed per network. Each DP mode also runs
-with ``privacy.max_physical_batch`` (``--physical``, 8 by default; rows
-``MODE/p8``): Poisson batches processed in chunks of at most 8 samples, one
-noised step per logical batch, which bounds DP's memory.
+with ``privacy.max_physical_batch`` (``--physical``: 8 and half the batch by
+default; rows ``MODE/pN``): Poisson batches processed in chunks of at most N
+samples, one noised step per logical batch, which bounds DP's memory.
 Every process uses the same ``torch.set_num_threads`` (``--threads``, 1 by
 default: on a shared machine more threads than free cores make timings
 spin-wait noise, for plain and DP alike).
@@ -160,9 +160,10 @@ def main(argv: list[str]) -> int:
                         help="DP modes (default: all that run on the model)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="model variants (default: all of each model's)")
-    parser.add_argument("--physical", type=int, default=8,
-                        help="also run each DP mode with privacy.max_physical_batch=N "
-                             "(rows MODE/pN; 0 = off)")
+    parser.add_argument("--physical", nargs="*", default=["8", "half"],
+                        help="also run each DP mode with privacy.max_physical_batch=N for "
+                             "each N given ('half' = half the batch; rows MODE/pN; "
+                             "none given = off)")
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -193,8 +194,9 @@ def main(argv: list[str]) -> int:
                     continue
                 default_plain = default_plain or plain
                 _row(name, variant, batch, "plain", plain, plain, default_plain)
-                chunked = ([f"{m}/p{args.physical}" for m in args.modes or modes]
-                           if 0 < args.physical < batch else [])
+                sizes = sorted({batch // 2 if p == "half" else int(p) for p in args.physical})
+                chunked = [f"{m}/p{k}" for k in sizes if 0 < k < batch
+                           for m in args.modes or modes]
                 for mode in [*(args.modes or modes), *chunked]:
                     res = _run_one(args, name, variant, batch, mode)
                     if res is not None:
