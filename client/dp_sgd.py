@@ -242,6 +242,9 @@ def make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
     """
     from opacus import PrivacyEngine
 
+    from client import prelu_grad_sample
+
+    prelu_grad_sample.register()  # MONAI's default activation, in closed form
     mode = resolve_grad_sample_mode(grad_sample_mode, model)
     if mode == "ghost" and not isinstance(criterion, PerSampleLoss):
         raise ValueError("grad_sample_mode='ghost' needs the loss as a PerSampleLoss "

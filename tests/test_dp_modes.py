@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.dp_round import dp_train_round
 from client.dp_sgd import PerSampleLoss, make_private, poisson_loader, resolve_grad_sample_mode
+from client.prelu_grad_sample import prelu_grad_sample
 from client.privacy_ledger import PrivacyLedger
 from common.config import ConfigError, ModelConfig, PrivacyConfig, TaskConfig
 from common.models import build_model
@@ -168,3 +169,37 @@ def test_resize_unet_keeps_shapes_and_parameter_count() -> None:
     assert (sum(p.numel() for p in resize.parameters())
             == sum(p.numel() for p in deconv.parameters()))
     assert not any(isinstance(m, nn.ConvTranspose2d) for m in resize.modules())
+
+
+@pytest.mark.parametrize("slopes", [1, 3], ids=["shared-slope", "slope-per-channel"])
+def test_prelu_rule_is_autograds_per_sample_gradient(slopes: int) -> None:
+    layer = nn.PReLU(num_parameters=slopes, init=0.2)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 3, 4, 4, generator=gen)
+    upstream = torch.randn(5, 3, 4, 4, generator=gen)  # dL/dy of L = sum(upstream * y)
+    got = prelu_grad_sample(layer, [x], upstream)[layer.weight]
+    want = []
+    for i in range(len(x)):
+        layer.zero_grad()
+        (upstream[i:i + 1] * layer(x[i:i + 1])).sum().backward()
+        want.append(layer.weight.grad.detach().clone())  # type: ignore[union-attr]
+    assert got.shape == (5, slopes)
+    torch.testing.assert_close(got, torch.stack(want), rtol=1e-5, atol=1e-6)
+    layer.weight.requires_grad_(False)
+    assert prelu_grad_sample(layer, [x], upstream) == {}
+
+
+def test_hooks_mode_uses_the_prelu_rule_not_functorch() -> None:
+    net = build_model(CLS, ModelConfig(name="cnn", channels=[4, 8]), seed=0)
+    prelus = [m for m in net.modules() if isinstance(m, nn.PReLU)]
+    assert prelus, "the default cnn has PReLU activations"
+    x, y = _batch(CLS)
+    loader = DataLoader(TensorDataset(x, y), batch_size=3)
+    dp = make_private(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+                      loader=poisson_loader(loader), noise_multiplier=1.0, max_grad_norm=1.0,
+                      accountant="rdp", grad_sample_mode="hooks")
+    make_loss(CLS)(dp.model(x), y).backward()
+    for prelu in prelus:  # Opacus' functorch fallback prepares the layer with this attribute
+        assert not hasattr(prelu, "ft_compute_sample_grad")
+        assert prelu.weight.grad_sample.shape == (len(x), 1)  # type: ignore[attr-defined]
+    dp.finish()
