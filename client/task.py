@@ -1,8 +1,8 @@
-"""One message answered at the hospital, by approved code only (one process per message).
+"""The hospital's answers to messages, by approved code only: a process per run and bundle.
 
-:mod:`client.runner` starts ``python -m client.task`` for each task the
-hospital's SuperNode holds; it does what Flower's ``flwr-clientapp`` does,
-with the hospital's checks around the app:
+:mod:`client.runner` starts ``python -m client.task`` for the tasks its
+SuperNode holds; for each task it does what Flower's ``flwr-clientapp``
+does, with the hospital's checks around the app:
 
 1. pull the message, context, run and bundle from the node's local
    ClientApp runtime API (Flower's ``pull_task_input``);
@@ -19,6 +19,14 @@ with the hospital's checks around the app:
 5. record the final reply in the hospital's audit log (:mod:`client.audit`),
    then push it (Flower's ``push_message``). A reply that cannot be
    recorded is not sent: an error reply goes instead.
+
+One process answers task after task of one run and one bundle: the runner
+hands it each task's token on standard input and reads ``idle`` back on a
+pipe of its own when it is done. So PyTorch and MONAI are imported once a
+run instead of once a message (as a simulated hospital's Ray actor imports
+them once). Every task still pulls its own message, context and bundle, is
+checked against the approvals, recorded and pushed on its own; a task of
+another run or bundle is given another process.
 """
 
 from __future__ import annotations
@@ -29,11 +37,12 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import Context, Error, Message
 from flwr.cli.install import install_from_fab
-from flwr.clientapp.client_app import LoadClientAppError
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.clientapp.utils import get_load_client_app_fn
 from flwr.common.constant import ErrorCode, SubStatus
 from flwr.supercore.app_utils import start_parent_process_monitor
@@ -51,10 +60,10 @@ from client.approval import AppStore, review_commands
 from client.bundle import Bundle, BundleError, read_bundle
 from common.logs import medfed_logger
 
-TOKEN_ENV = "MEDFED_TASK_TOKEN"
-"""Environment variable carrying the task's runtime token (kept off the command line)."""
 NOT_APPROVED = 4005
 """Error code of the reply to a message whose bundle this hospital has not approved."""
+IDLE = "idle"
+"""What a task process writes on its ready pipe (``--ready-fd``) after each task."""
 NOT_RECORDED = 4006
 """Error code sent instead of a reply that could not be written to the audit log."""
 
@@ -96,14 +105,22 @@ def forget_hospital_modules(bundle: Bundle) -> None:
 
 
 def run_approved(store: AppStore, bundle: Bundle, fab: bytes, run: Run, message: Message,
-                 context: Context) -> Message:
-    """Install, load and run the approved app on one message, as ``flwr-clientapp`` does."""
-    app_dir = install(store, bundle, fab)
-    forget_hospital_modules(bundle)
-    load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir), multi_app=True)
+                 context: Context, loaded: dict[str, ClientApp]) -> Message:
+    """Install, load and run the approved app on one message, as ``flwr-clientapp`` does.
+
+    ``loaded`` keeps the ClientApp of each bundle hash this process loaded
+    (a bundle is installed and imported once per process).
+    """
+    app_dir = None
+    if bundle.hash not in loaded:
+        app_dir = install(store, bundle, fab)
+        forget_hospital_modules(bundle)
     try:
-        client_app = load(run.fab_id, run.fab_version, "")
-        return client_app(message=message, context=context)
+        if app_dir is not None:
+            load = get_load_client_app_fn(default_app_ref="", app_path=str(app_dir),
+                                          multi_app=True)
+            loaded[bundle.hash] = load(run.fab_id, run.fab_version, "")
+        return loaded[bundle.hash](message=message, context=context)
     except Exception as err:  # noqa: BLE001 - Flower's own handling, as in flwr-clientapp
         log.error("[MedFed] the ClientApp raised %s", type(err).__name__, exc_info=err)
         if isinstance(err, LoadClientAppError):
@@ -115,7 +132,7 @@ def run_approved(store: AppStore, bundle: Bundle, fab: bytes, run: Run, message:
 
 
 def answer(store: AppStore, home: Path, run: Run, fab: bytes, message: Message,
-           context: Context) -> tuple[str, Message]:
+           context: Context, loaded: dict[str, ClientApp]) -> tuple[str, Message]:
     """The bundle hash and the reply: the approved app's, or a refusal."""
     try:
         bundle = read_bundle(fab)
@@ -132,7 +149,7 @@ def answer(store: AppStore, home: Path, run: Run, fab: bytes, message: Message,
         return bundle.hash, Message(Error(code=NOT_APPROVED, reason=(
             f"refused by the hospital: app bundle {bundle.hash} is not approved there "
             f"(it must run `python -m client approve {bundle.hash}`)")), reply_to=message)
-    return bundle.hash, run_approved(store, bundle, fab, run, message, context)
+    return bundle.hash, run_approved(store, bundle, fab, run, message, context, loaded)
 
 
 def round_of(message: Message) -> int | str | None:
@@ -163,10 +180,15 @@ def recorded(home: Path, app_hash: str, message: Message, reply: Message) -> Mes
 
 def parse(argv: list[str]) -> argparse.Namespace:
     """Command line (the runner builds it)."""
-    p = argparse.ArgumentParser(prog="python -m client.task", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m client.task", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runtime-api-address", required=True, help="the node's runtime API")
     p.add_argument("--home", type=Path, required=True, help="the hospital's node folder")
     p.add_argument("--parent-pid", type=int, help="stop when this process (the runner) ends")
+    p.add_argument("--ready-fd", type=int, required=True,
+                   help=f"answer task after task, one token per line on standard input (kept "
+                        f"off the command line), writing '{IDLE}' to this file descriptor "
+                        f"after each; exit at the end of input")
     return p.parse_args(argv)
 
 
@@ -179,14 +201,16 @@ def runtime_client(address: str, token: str) -> RuntimeHttpClient:
         retry_invoker=make_simple_http_retry_invoker())
 
 
-def serve(client: RuntimeHttpClient, home: Path, outcome: dict[str, object]) -> int:
+def serve(client: RuntimeHttpClient, home: Path, outcome: dict[str, object],
+          loaded: dict[str, ClientApp]) -> int:
     """Pull the task, answer it, record and push the reply; fills ``outcome`` for the node."""
     message: Message | None = None
     code, reply = ExitCode.SUCCESS, None
     try:
         message, context, run, fab = pull_task_input(client)
         outcome["context"] = context
-        app_hash, reply = answer(AppStore(home), home, run, fab.content, message, context)
+        app_hash, reply = answer(AppStore(home), home, run, fab.content, message, context,
+                                 loaded)
     except Exception as err:  # noqa: BLE001 - the node gets a failed task and an error reply
         log.error("[MedFed] task failed: %s", err, exc_info=err)
         code, app_hash = ExitCode.TASK_PROC_EXCEPTION, "unknown"
@@ -206,17 +230,20 @@ def serve(client: RuntimeHttpClient, home: Path, outcome: dict[str, object]) -> 
     return code
 
 
-def main(argv: list[str]) -> None:
-    """Answer one task: pull, check, run if approved, record, push; exits the process."""
-    args = parse(argv)
-    if args.parent_pid is not None:
-        start_parent_process_monitor(args.parent_pid)
-    client = runtime_client(args.runtime_api_address, os.environ.get(TOKEN_ENV, ""))
+def answer_task(address: str, home: Path, token: str, loaded: dict[str, ClientApp],
+                finishing: list[Callable[[], None]]) -> int:
+    """Answer the task of ``token`` (pull, check, run if approved, record, push) and report
+    its final status and context to the node, as ``flwr-clientapp`` does; the exit code.
+
+    ``finishing`` holds that last report while the task runs, for a signal to run it.
+    """
+    client = runtime_client(address, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     outcome: dict[str, object] = {"context": None, "status": SubStatus.FAILED,
                                   "details": "the hospital's task failed"}
 
-    def on_exit() -> None:  # as flwr-clientapp: final status and context to the node
+    def finish() -> None:  # final status and context to the node, exactly once
+        finishing.remove(finish)
         context = outcome["context"]
         push_task_output(client=client, context=context if isinstance(context, Context) else None,
                          sub_status=str(outcome["status"]), details=str(outcome["details"]))
@@ -224,11 +251,37 @@ def main(argv: list[str]) -> None:
             heartbeat.stop()
         client.close()
 
+    finishing.append(finish)
+    heartbeat.start()
+    try:
+        return serve(client, home, outcome, loaded)
+    finally:
+        if finish in finishing:
+            finish()
+
+
+def main(argv: list[str]) -> None:
+    """Answer each task handed over until the end of input; exits the process."""
+    args = parse(argv)
+    if args.parent_pid is not None:
+        start_parent_process_monitor(args.parent_pid)
+    loaded: dict[str, ClientApp] = {}
+    finishing: list[Callable[[], None]] = []  # the running task's last report, on a signal
+
+    def on_exit() -> None:
+        for finish in list(finishing):
+            finish()
+
     register_signal_handlers(event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE,
                              exit_message="Task stopped.", exit_handlers=[on_exit])
-    heartbeat.start()
-    flwr_exit(code=serve(client, args.home, outcome),
-              event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
+    code = ExitCode.SUCCESS
+    with os.fdopen(args.ready_fd, "w") as ready:
+        for line in sys.stdin:  # one token per task; the runner closes the pipe to stop us
+            code = answer_task(args.runtime_api_address, args.home, line.strip(), loaded,
+                               finishing)
+            ready.write(IDLE + "\n")
+            ready.flush()
+    flwr_exit(code=code, event_type=EventType.FLWR_CLIENTAPP_RUN_LEAVE)
 
 
 if __name__ == "__main__":

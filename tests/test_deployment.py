@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -222,6 +223,10 @@ def test_three_hospitals_train_over_tls_and_a_stranger_is_refused(
     assert stranger.wait(timeout_s=30) != 0
     assert "refused this hospital's key" in output(stranger)
     assert "registered as node" in output(server)
+    for name in HOSPITALS:  # one task process answered all of a hospital's messages of the run
+        log = (fed.root / f"home-{name}" / "node.log").read_text()
+        assert len(re.findall(r"runner: task process \d+ started", log)) == 1, log[-3000:]
+        assert log.count("handed to task process") == log.count("audit entry") - 1 >= 3
 
 
 def received(fed: Federation, label: str) -> int:
@@ -262,6 +267,9 @@ def test_the_server_restarts_and_a_hospital_crashes(federation: Federation) -> N
                for r in train)
     assert fed.summary()["rounds"] == 2
     assert nodes["site-a"].poll() is None and nodes["site-b"].poll() is None
+    for name in ("site-a", "site-b"):  # a task process per run: the resumed run is a new one
+        log = (fed.root / f"home-{name}" / "node.log").read_text()
+        assert len(re.findall(r"runner: task process \d+ started", log)) == 2, log[-3000:]
 
 
 FAULTY_APP = '''"""MedFed's ClientApp at three hospitals, two of them misbehaving."""
