@@ -42,7 +42,9 @@ from client.held_weights import HELD_ARRAYS, HELD_DIGEST
 
 StateDict = dict[str, torch.Tensor]
 ROOT = Path(__file__).resolve().parents[1]
-STRAGGLE_S = 120.0
+STRAGGLE_S = 75.0
+"""The straggler's sleep (s): past tests/test_stragglers.py's 60 s phase limit, so that its
+late training reply arrives while the next phase (evaluation) is open."""
 
 
 def _fill(value: float, dtype: torch.dtype | None = None) -> Callable[[StateDict, StateDict],
