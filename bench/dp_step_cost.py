@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # name, task kind, image size, channels (the configured defaults), variants, modes
 # (PyTorch's expanded weights cannot run MONAI's UNet: a non-contiguous view)
 CASES = (("cnn", "classification", [28, 28], [16, 32, 64],
-          ("default", "act=relu"), ("hooks", "functorch", "ghost", "ew")),
+          ("default", "act=relu"), ("output_hooks", "hooks", "functorch", "ghost", "ew")),
          ("unet", "segmentation", [64, 64], [16, 32, 64, 128],
-          ("default", "act=relu,upsample=resize"), ("hooks", "functorch", "ghost")))
+          ("default", "act=relu,upsample=resize"), ("output_hooks", "hooks", "functorch", "ghost")))
 
 
 def _peak_rss_mb() -> float:

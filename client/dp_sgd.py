@@ -149,10 +149,12 @@ class PerSampleLoss(nn.Module):
 
 # What ``grad_sample_mode="auto"`` runs: the fastest mode measured by
 # bench/dp_step_cost.py for every configured network (cnn and unet, PReLU or
-# ReLU, deconv or resize). Ghost clipping saves time only on Linear/Embedding
-# layers (Opacus 1.6 has norm rules for those alone) and makes conv nets pay
-# a second backward pass; functorch and expanded weights were slower.
-AUTO_MODE = "hooks"
+# ReLU, deconv or resize): Opacus' per-layer rules fed by output tensor hooks
+# (client/output_hooks.py) with client/lean_dp_optimizer.py's step. Ghost
+# clipping saves time only on Linear/Embedding layers (Opacus 1.6 has norm
+# rules for those alone) and makes conv nets pay a second backward pass;
+# functorch and expanded weights were slower.
+AUTO_MODE = "output_hooks"
 
 
 def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
@@ -174,7 +176,7 @@ class DPRound:
     loader: DataLoader
     engine: PrivacyEngine
     hooks: Any
-    mode: str = "hooks"
+    mode: str = "output_hooks"
     criterion: Any = None
 
     def empty_batch(self) -> None:
@@ -232,8 +234,8 @@ def make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
         noise_multiplier: noise std / clipping norm.
         max_grad_norm: per-sample L2 clipping norm.
         accountant: ``prv`` or ``rdp`` (records this round's steps).
-        grad_sample_mode: ``auto``, ``hooks``, ``functorch``, ``ghost`` or
-            ``ew`` (see :class:`~common.config.PrivacyConfig`).
+        grad_sample_mode: ``auto``, ``output_hooks``, ``hooks``, ``functorch``,
+            ``ghost`` or ``ew`` (see :class:`~common.config.PrivacyConfig`).
         criterion: the loss, a :class:`PerSampleLoss`; needed by ``ghost``,
             which returns it wrapped as :attr:`DPRound.criterion`.
 
@@ -253,10 +255,18 @@ def make_private(*, model: nn.Module, optimizer: torch.optim.Optimizer, loader: 
     prepared = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader,
         noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-        criterion=criterion, poisson_sampling=False, grad_sample_mode=mode,
+        criterion=criterion, poisson_sampling=False,
+        grad_sample_mode="hooks" if mode == "output_hooks" else mode,
         wrap_model=mode == "ew",  # expanded weights exist only as a wrapping module
         noise_generator=_secret_generator())
     hooks, dp_optimizer = prepared[0], prepared[1]
+    if mode == "output_hooks":  # Opacus validated and built it all; swap in the lean parts
+        from client.lean_dp_optimizer import LeanDPOptimizer
+        from client.output_hooks import OutputGradSampleHooks
+
+        hooks.remove_hooks()
+        hooks = OutputGradSampleHooks(model, batch_first=True, loss_reduction="mean")
+        dp_optimizer = LeanDPOptimizer.replacing(dp_optimizer)
     hooks.forbid_grad_accumulation()  # as make_private does for Poisson sampling
     return DPRound(model=hooks if mode == "ew" else model, optimizer=dp_optimizer,
                    loader=prepared[-1], engine=engine, hooks=hooks, mode=mode,

@@ -32,7 +32,7 @@ PRIVACY_MODES = ("none", "dp_sgd", "client_level")
 ACCOUNTANTS = ("prv", "rdp")
 CLIPPING_SIDES = ("server", "client")
 WIRE_DTYPES = ("float32", "float16")
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost", "ew")
+GRAD_SAMPLE_MODES = ("auto", "output_hooks", "hooks", "functorch", "ghost", "ew")
 ACTIVATIONS = ("prelu", "relu", "leakyrelu")
 UPSAMPLES = ("deconv", "resize")
 NORM_BOUNDS = ("median", "absolute", "none")
@@ -387,6 +387,8 @@ class PrivacyConfig:
             = ``<run_dir>/privacy-ledgers`` (a fresh ledger per run). A
             deployed hospital sets its own ``ledger-path`` in its node config.
         grad_sample_mode: how DP-SGD gets per-sample gradient norms (Opacus):
+            ``output_hooks`` (Opacus' per-layer rules fed by hooks on layer
+            outputs, with a leaner optimizer step: client/output_hooks.py),
             ``hooks``, ``functorch``, ``ghost`` (fast gradient clipping: two
             backward passes, no stored per-sample gradients), ``ew``
             (PyTorch expanded weights) or ``auto`` (the fastest measured for
