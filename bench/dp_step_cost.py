@@ -20,11 +20,17 @@ spin-wait noise, for plain and DP alike).
 
 Reported: the best step time (forward, backward, optimizer step; after 2
 warm-up steps: on a shared machine the least-disturbed step is the fairest
-estimate of each configuration's own cost) and the peak memory of training
-(CPU: peak RSS growth over the process after model and data are built;
-CUDA: peak allocated), then ``time x`` / ``mem x``: DP over plain training
-of the same network, and ``vs default``: DP over plain training of the
-default network (what a user pays for DP plus the model change).
+estimate of each configuration's own cost) and two peak memories of training:
+``MB`` (CPU: peak RSS growth of the process after model and data are built,
+which includes what the allocator keeps; CUDA: peak allocated) and
+``tensor MB`` (the peak bytes of the tensors a step creates: activations,
+gradients, per-sample gradients, noise; counted exactly over 2 more steps
+with a dispatch mode that sees every tensor PyTorch creates and when its
+storage is freed; weights, optimizer state and the batch are not counted, as
+they exist before the step). Then ``time x`` / ``mem x`` / ``tensor x``: DP
+over plain training of the same network, and ``vs default``: DP over plain
+training of the default network (what a user pays for DP plus the model
+change).
 """
 
 from __future__ import annotations
@@ -35,15 +41,68 @@ import resource
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+MEMORY_STEPS = 2  # logical steps after the timed ones whose tensors are counted (CPU)
 # name, task kind, image size, channels (the configured defaults), variants, modes
 # (PyTorch's expanded weights cannot run MONAI's UNet: a non-contiguous view)
 CASES = (("cnn", "classification", [28, 28], [16, 32, 64],
           ("default", "act=relu"), ("output_hooks", "hooks", "functorch", "ghost", "ew")),
          ("unet", "segmentation", [64, 64], [16, 32, 64, 128],
           ("default", "act=relu,upsample=resize"), ("output_hooks", "hooks", "functorch", "ghost")))
+
+
+class TensorPeak:
+    """Peak bytes of the CPU or GPU tensor storages created while active (a dispatch mode).
+
+    Every tensor an ATen operation returns whose storage was not seen before
+    is counted at its storage's size until that storage is freed (a
+    finalizer on PyTorch's preserved storage object); storages that existed
+    before (weights, the batch) are seen as inputs and never counted.
+    """
+
+    def __init__(self) -> None:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        owner = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                                   kwargs: Any = None) -> Any:
+                return owner._call(func, args, kwargs or {})
+
+        self.mode = _Mode()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _see(self, tensor: Any, created: bool) -> None:
+        storage = tensor.untyped_storage()
+        key = id(storage)
+        if key in self._sizes:
+            return
+        self._sizes[key] = storage.nbytes() if created else 0
+        self.live += self._sizes[key]
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._free, key)
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def _call(self, func: Any, args: Any, kwargs: Any) -> Any:
+        import torch
+        from torch.utils._pytree import tree_leaves
+
+        for leaf in tree_leaves((args, kwargs)):
+            if isinstance(leaf, torch.Tensor):
+                self._see(leaf, created=False)
+        out = func(*args, **kwargs)
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self._see(leaf, created=True)
+        return out
 
 
 def _peak_rss_mb() -> float:
@@ -80,7 +139,7 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
     dev = torch.device(device)
     model = build_model(task, ModelConfig(name=name, channels=channels,
                                           **_model_options(variant)), seed=0).to(dev)
-    n = batch * (steps + 3)
+    n = batch * (steps + 3 + MEMORY_STEPS)
     x = torch.randn(n, 1, *size)
     y = (torch.randint(0, 2, (n,)) if kind == "classification"
          else torch.randint(0, 2, (n, 1, *size)))
@@ -111,8 +170,13 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
         base_mb = torch.cuda.memory_allocated() / 2**20
     times: list[float] = []
     logical, spent = 0, 0.0
+    counter, peak = TensorPeak(), 0.0
     with chunks:
         for xb, yb in loader:
+            if logical == steps + 2 and not peak:  # timing done: count the next steps' tensors
+                peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+                        else _peak_rss_mb())
+                chunks.enter_context(counter.mode)
             if xb.shape[0] == 0:
                 continue
             xb, yb = xb.to(dev), yb.to(dev)
@@ -127,11 +191,13 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
             spent += time.perf_counter() - started
             if getattr(optimizer, "_is_last_step_skipped", False):
                 continue  # a chunk of a logical batch: its step comes with the last chunk
-            if logical >= 2:  # warm-up steps excluded
+            if 2 <= logical < steps + 2:  # warm-up steps excluded
                 times.append(spent)
             logical, spent = logical + 1, 0.0
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else _peak_rss_mb())
-    return {"step_ms": 1000 * min(times), "peak_mb": peak - base_mb, "resolved": resolved}
+            if logical == steps + 2 + MEMORY_STEPS:
+                break
+    return {"step_ms": 1000 * min(times), "peak_mb": peak - base_mb,
+            "tensor_mb": counter.peak / 2**20, "resolved": resolved}
 
 
 def _run_one(args: argparse.Namespace, name: str, variant: str, batch: int,
@@ -176,8 +242,9 @@ def main(argv: list[str]) -> int:
         return 0
     print(f"device {args.device}, {args.threads} thread(s) per process, best of {args.steps} "
           "steps after 2 warm-up steps, Poisson sampling, each row a fresh process")
-    print(f"{'model':<5} {'variant':<24} {'batch':>5} {'mode':<15} {'ms':>7} {'MB':>7} "
-          f"{'time x':>6} {'mem x':>6} {'vs default: time x':>18} {'mem x':>6}")
+    print(f"{'model':<5} {'variant':<24} {'batch':>5} {'mode':<17} {'ms':>7} {'MB':>7} "
+          f"{'tensor MB':>9} {'time x':>6} {'mem x':>6} {'tensor x':>8} "
+          f"{'vs default: time x':>18} {'mem x':>6}")
     for name, kind, size, channels, variants, modes in CASES:
         if name not in args.models:
             continue
@@ -218,12 +285,14 @@ def _auto_mode(name: str, kind: str, size: list[int], channels: list[int], varia
 
 def _row(name: str, variant: str, batch: int, mode: str, res: dict[str, float | str],
          plain: dict[str, float | str], default: dict[str, float | str]) -> None:
-    ms, mb = float(res["step_ms"]), float(res["peak_mb"])
+    ms, mb, tensor_mb = float(res["step_ms"]), float(res["peak_mb"]), float(res["tensor_mb"])
 
     def ratio(value: float, ref: dict[str, float | str], key: str) -> float:
         return value / max(float(ref[key]), 1e-6)
-    print(f"{name:<5} {variant:<24} {batch:>5} {mode:<15} {ms:>7.1f} {mb:>7.1f} "
+    print(f"{name:<5} {variant:<24} {batch:>5} {mode:<17} {ms:>7.1f} {mb:>7.1f} "
+          f"{tensor_mb:>9.1f} "
           f"{ratio(ms, plain, 'step_ms'):>6.2f} {ratio(mb, plain, 'peak_mb'):>6.2f} "
+          f"{ratio(tensor_mb, plain, 'tensor_mb'):>8.2f} "
           f"{ratio(ms, default, 'step_ms'):>18.2f} {ratio(mb, default, 'peak_mb'):>6.2f}",
           flush=True)
 
