@@ -302,3 +302,30 @@ def test_an_empty_poisson_batch_takes_a_noise_only_accounted_step(mode: str) -> 
     assert all(not torch.equal(p.detach(), b) for p, b in zip(net.parameters(), before,
                                                                strict=True))
     assert dp.finish() == [(1.0, 0.5, 1)]
+
+
+@pytest.mark.parametrize(("name", "kind", "channels"), [
+    ("densenet121", "classification", [8]), ("resnet18", "classification", [8]),
+    ("basicunet", "segmentation", [4, 4, 8, 8, 16, 4]), ("segresnet", "segmentation", [8]),
+    ("attentionunet", "segmentation", [4, 8])])
+def test_output_hooks_match_opacus_hooks_on_every_other_configured_network(
+        name: str, kind: str, channels: list[int]) -> None:
+    """The clipped (noise-free) update of output_hooks is Opacus' hooks' on each network."""
+    task = TaskConfig(kind=kind, image_size=[32, 32])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 1, 32, 32, generator=gen)
+    y = torch.randint(0, 2, (4,), generator=gen) if kind == "classification" else (x > 0.3).long()
+    updates = []
+    for mode in ("hooks", "output_hooks"):
+        net = build_model(task, ModelConfig(name=name, channels=channels), seed=0)
+        dp = make_private(model=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+                          loader=poisson_loader(DataLoader(TensorDataset(x, y), batch_size=2)),
+                          noise_multiplier=0.0, max_grad_norm=CLIP, accountant="rdp",
+                          grad_sample_mode=mode, criterion=PerSampleLoss(task))
+        dp.optimizer.zero_grad(set_to_none=True)
+        make_loss(task)(dp.model(x), y).backward()
+        dp.optimizer.step()
+        updates.append([p.grad.clone() for p in net.parameters()])  # type: ignore[union-attr]
+        dp.finish()
+    for opacus, lean in zip(*updates, strict=True):
+        torch.testing.assert_close(lean, opacus, rtol=1e-4, atol=1e-7)
