@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
+
+import psutil
 
 from common.atomic import atomic_file
 from common.compose import CONF_DIR, compose_settings, finalize, settings_yaml
@@ -143,8 +146,13 @@ def refuse_data(settings: Settings) -> bool:
     return bool(lines)
 
 
-def main(argv: list[str]) -> int:
-    """Command line: Hydra overrides in, exit code out (0 = run completed)."""
+def main(argv: list[str], *, started: float | None = None) -> int:
+    """Command line: Hydra overrides in, exit code out (0 = run completed).
+
+    ``started``: when the user's wait began (seconds since the epoch; the
+    command line passes its process's start); default: now.
+    """
+    started = time.time() if started is None else started
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         groups = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir())
@@ -170,9 +178,10 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print("interrupted; every process started was stopped", file=sys.stderr)
         return 130
-    print_summary(summary, run_dir=Path(settings.run_dir))
+    # what the user waited (Flower's start and exit included), not only the ServerApp's part
+    print_summary(summary, run_dir=Path(settings.run_dir), total_s=time.time() - started)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:], started=psutil.Process().create_time()))  # imports included

@@ -49,9 +49,13 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return text
 
 
-def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | None = None
-                  ) -> None:
-    """Print final metrics per hospital, overall, central test and privacy."""
+def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | None = None,
+                  total_s: float | None = None) -> None:
+    """Print final metrics per hospital, overall, central test and privacy.
+
+    ``total_s``: the whole command's wall time in seconds, printed with the
+    ServerApp's own (``wall_time_s`` of the summary) when given.
+    """
     console = console or Console(width=max(Console().width, 120))
     rows = dict(summary.get("hospitals", {}))
     if summary.get("overall"):
@@ -68,6 +72,9 @@ def print_summary(summary: dict[str, Any], *, run_dir: Path, console: Console | 
                              summary["privacy"], PRIVACY_ORDER))
     wall = summary.get("wall_time_s")
     timing = "" if wall is None else f"wall time {wall:.1f} s | "
+    if total_s is not None:
+        inner = "" if wall is None else f" (the ServerApp {wall:.1f} s)"
+        timing = f"wall time {total_s:.1f} s{inner} | "
     console.print(f"{timing}run folder: {run_dir}")
 
 

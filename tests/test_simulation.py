@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ def _children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
-def test_default_simulation_end_to_end(tmp_path: Path) -> None:
+def test_default_simulation_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     before = _children()
@@ -29,6 +30,10 @@ def test_default_simulation_end_to_end(tmp_path: Path) -> None:
     code = main(["data.samples_per_hospital=96", "federation.rounds=2", f"run_dir={run_dir}"])
     assert code == 0
     summary = json.loads((run_dir / "summary.json").read_text())
+    # the wall time printed is the whole wait, with the ServerApp's part of it
+    shown = re.search(r"wall time ([\d.]+) s \(the ServerApp ([\d.]+) s\)",
+                      capsys.readouterr().out)
+    assert shown and float(shown[1]) >= float(shown[2]) == round(summary["wall_time_s"], 1)
     assert summary["rounds"] == 2
     assert len(summary["hospitals"]) == 3
     for metrics in summary["hospitals"].values():
