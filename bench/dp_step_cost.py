@@ -20,14 +20,18 @@ spin-wait noise, for plain and DP alike).
 
 Reported: the best step time (forward, backward, optimizer step; after 2
 warm-up steps: on a shared machine the least-disturbed step is the fairest
-estimate of each configuration's own cost) and two peak memories of training:
+estimate of each configuration's own cost; for DP, whose Poisson batches
+vary around the nominal size, the best among steps of nearly the nominal
+size, so that a lucky small batch does not flatter DP) and two peak
+memories of training:
 ``MB`` (CPU: peak RSS growth of the process after model and data are built,
 which includes what the allocator keeps; CUDA: peak allocated) and
 ``tensor MB`` (the peak bytes of the tensors a step creates: activations,
 gradients, per-sample gradients, noise; counted exactly over 2 more steps
 with a dispatch mode that sees every tensor PyTorch creates and when its
-storage is freed; weights, optimizer state and the batch are not counted, as
-they exist before the step). Then ``time x`` / ``mem x`` / ``tensor x``: DP
+storage is freed, scaled to the nominal batch size by images per step;
+weights, optimizer state and the batch are not counted, as they exist
+before the step). Then ``time x`` / ``mem x`` / ``tensor x``: DP
 over plain training of the same network, and ``vs default``: DP over plain
 training of the default network (what a user pays for DP plus the model
 change).
@@ -168,8 +172,10 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base_mb = torch.cuda.memory_allocated() / 2**20
-    times: list[float] = []
-    logical, spent = 0, 0.0
+    # per logical step: seconds and images (Poisson batches vary around ``batch``)
+    timed: list[tuple[float, int]] = []
+    tensor_peaks: list[float] = []  # counted steps: peak tensor bytes, scaled to ``batch``
+    logical, spent, images = 0, 0.0, 0
     counter, peak = TensorPeak(), 0.0
     with chunks:
         for xb, yb in loader:
@@ -177,6 +183,8 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
                 peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
                         else _peak_rss_mb())
                 chunks.enter_context(counter.mode)
+            if logical >= steps + 2 and images == 0:
+                counter.peak = start = counter.live
             if xb.shape[0] == 0:
                 continue
             xb, yb = xb.to(dev), yb.to(dev)
@@ -189,16 +197,31 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             spent += time.perf_counter() - started
+            images += xb.shape[0]
             if getattr(optimizer, "_is_last_step_skipped", False):
                 continue  # a chunk of a logical batch: its step comes with the last chunk
             if 2 <= logical < steps + 2:  # warm-up steps excluded
-                times.append(spent)
-            logical, spent = logical + 1, 0.0
+                timed.append((spent, images))
+            elif logical >= steps + 2:
+                tensor_peaks.append((counter.peak - start) * batch / images)
+            logical, spent, images = logical + 1, 0.0, 0
             if logical == steps + 2 + MEMORY_STEPS:
                 break
-    return {"step_ms": 1000 * min(times), "peak_mb": peak - base_mb,
-            "tensor_mb": counter.peak / 2**20, "resolved": resolved}
+    return {"step_ms": 1000 * _fair_best(timed, batch), "peak_mb": peak - base_mb,
+            "tensor_mb": max(tensor_peaks, default=0.0) / 2**20, "resolved": resolved}
 
+
+def _fair_best(timed: list[tuple[float, int]], batch: int) -> float:
+    """The best step time among steps of (nearly) ``batch`` images.
+
+    A Poisson batch holds ``batch`` images only on average; the fastest of
+    many steps would otherwise be one of the smallest batches, flattering DP
+    against plain training's fixed batches. Steps within ``max(1, batch //
+    16)`` images of ``batch`` count; without one, the best time per image,
+    times ``batch``.
+    """
+    near = [seconds for seconds, images in timed if abs(images - batch) <= max(1, batch // 16)]
+    return min(near) if near else min(seconds * batch / images for seconds, images in timed)
 
 def _run_one(args: argparse.Namespace, name: str, variant: str, batch: int,
              mode: str) -> dict[str, float | str] | None:

@@ -148,8 +148,8 @@ class PerSampleLoss(nn.Module):
 
 
 # What ``grad_sample_mode="auto"`` runs: the fastest mode measured by
-# bench/dp_step_cost.py for every configured network (cnn and unet, PReLU or
-# ReLU, deconv or resize): Opacus' per-layer rules fed by output tensor hooks
+# bench/dp_step_cost.py (cnn: faster than Opacus' hooks in every run; unet: as
+# fast within noise): Opacus' per-layer rules fed by output tensor hooks
 # (client/output_hooks.py) with client/lean_dp_optimizer.py's step. Ghost
 # clipping saves time only on Linear/Embedding layers (Opacus 1.6 has norm
 # rules for those alone) and makes conv nets pay a second backward pass;

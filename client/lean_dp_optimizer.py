@@ -51,8 +51,8 @@ class LeanDPOptimizer(DPOptimizer):
         if n == 0:
             factor = torch.zeros((0,), device=samples[0].device)
         else:
-            norms = torch.stack([torch.linalg.vector_norm(s.reshape(n, p.numel()), dim=1)
-                                 for p, s in zip(params, samples, strict=True)], dim=1)
+            norms = torch.stack([self._sample_norms(p, s) for p, s in zip(params, samples,
+                                                                            strict=True)], dim=1)
             factor = (self.max_grad_norm / (torch.linalg.vector_norm(norms, dim=1) + 1e-6)
                       ).clamp(max=1.0)
         for p, sample in zip(params, samples, strict=True):
@@ -65,6 +65,15 @@ class LeanDPOptimizer(DPOptimizer):
             else:
                 p.summed_grad = grad
             _mark_as_processed(p.grad_sample)
+
+    @staticmethod
+    def _sample_norms(param: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """Each sample's gradient norm for ``param``, ``[B]``: as the hooks computed it
+        (``sample.sample_norms``, see :mod:`client.output_hooks`) or now."""
+        known = getattr(sample, "sample_norms", None)
+        if known is not None and known.shape == (len(sample),):
+            return known
+        return torch.linalg.vector_norm(sample.reshape(len(sample), param.numel()), dim=1)
 
     def add_noise(self) -> None:
         """``p.grad = p.summed_grad + N(0, (noise_multiplier * max_grad_norm)^2)``, per element."""

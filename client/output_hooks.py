@@ -13,8 +13,11 @@ same per-layer rules (Opacus' registry, including
 :mod:`client.prelu_grad_sample`; functorch for a layer without a rule, as
 Opacus does), but captures ``dL/d(output)`` with a plain tensor hook on the
 layer's output, registered by a forward hook, and keeps each rule's result
-as it is. Per-sample gradients of a layer called several times in one
-forward pass are summed, as in Opacus. The results are the tensors Opacus
+as it is, with each sample's gradient norm for that parameter (``[B]``,
+attribute ``sample_norms`` of ``p.grad_sample``), computed while the result
+is still in the CPU's cache; :mod:`client.lean_dp_optimizer` clips with it.
+Per-sample gradients of a layer called several times in one forward pass
+are summed, as in Opacus. The results are the tensors Opacus
 computes (``tests/test_dp_modes.py``).
 
 Against whom: nobody; it is a faster way to compute the same clipped update,
@@ -112,6 +115,10 @@ class OutputGradSampleHooks(GradSampleHooks):
             param._forward_counter -= 1  # type: ignore[attr-defined]
             if param._forward_counter == 0:  # type: ignore[attr-defined]
                 promote_current_grad_sample(param)
+                sample = param.grad_sample  # type: ignore[attr-defined]
+                if isinstance(sample, torch.Tensor):  # its norms now, while it is in cache
+                    sample.sample_norms = torch.linalg.vector_norm(  # type: ignore[attr-defined]
+                        sample.reshape(len(sample), param.numel()), dim=1)
             stacked = getattr(param, "grad_sample", None)
             if (not self.grad_accumulation_allowed and isinstance(stacked, list)
                     and len(stacked) > 1):
