@@ -26,7 +26,6 @@ so the privacy guarantee and its accounting are unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -46,7 +45,8 @@ class OutputGradSampleHooks(GradSampleHooks):
     value the tensor had when the hook was registered, so an in-place
     operation after a layer (``out.mul_(2)``, an in-place residual add) does
     not change what the layer's rule receives; Opacus' full backward hooks
-    refuse such networks.
+    refuse such networks (``RuntimeError``: output of
+    ``BackwardHookFunction`` modified in place).
     """
 
     def add_hooks(self, *, loss_reduction: str = "mean", batch_first: bool = True,
@@ -60,14 +60,11 @@ class OutputGradSampleHooks(GradSampleHooks):
         self._module.autograd_grad_sample_hooks = handles
         self.autograd_grad_sample_hooks = handles
         self.force_functorch = force_functorch
-        for module in self._hooked_layers():
+        for module in self.iterate_submodules(self._module):
             if force_functorch or type(module) not in self.GRAD_SAMPLERS:
                 prepare_layer(module, batch_first=True)
             handles.append(module.register_forward_hook(self._on_forward))
         self.enable_hooks()
-
-    def _hooked_layers(self) -> Iterable[nn.Module]:
-        return self.iterate_submodules(self._module)
 
     def _rule(self, module: nn.Module) -> Any:
         if self.force_functorch or type(module) not in self.GRAD_SAMPLERS:
@@ -108,6 +105,8 @@ class OutputGradSampleHooks(GradSampleHooks):
               grad_samples: dict[nn.Parameter, torch.Tensor]) -> None:
         """Store (or add to) each parameter's per-sample gradient, ``[B, *p.shape]``."""
         for param, sample in grad_samples.items():
+            if not param.requires_grad:  # functorch's rule returns every parameter
+                continue
             current = getattr(param, "_current_grad_sample", None)
             param._current_grad_sample = (  # type: ignore[attr-defined]
                 sample if current is None else current + sample)

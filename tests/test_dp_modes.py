@@ -285,6 +285,12 @@ def test_output_hooks_are_exact_when_a_layer_output_is_changed_in_place() -> Non
         want.append(net.conv.weight.grad.detach().clone())  # type: ignore[union-attr]
     torch.testing.assert_close(got, torch.stack(want))
     hooks.cleanup()
+    from opacus.grad_sample.grad_sample_module import GradSampleHooks
+
+    opacus = GradSampleHooks(net, batch_first=True, loss_reduction="sum")
+    with pytest.raises(RuntimeError, match="modified inplace"):  # Opacus' own hooks refuse it
+        net(x).sum().backward()
+    opacus.cleanup()
 
 
 @pytest.mark.parametrize("mode", ["output_hooks", "hooks"])
