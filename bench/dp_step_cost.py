@@ -49,6 +49,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
 ROOT = Path(__file__).resolve().parents[1]
 MEMORY_STEPS = 2  # logical steps after the timed ones whose tensors are counted (CPU)
 # name, task kind, image size, channels (the configured defaults), variants, modes
@@ -59,7 +63,7 @@ CASES = (("cnn", "classification", [28, 28], [16, 32, 64],
           ("default", "act=relu,upsample=resize"), ("output_hooks", "hooks", "functorch", "ghost")))
 
 
-class TensorPeak:
+class TensorPeak(TorchDispatchMode):
     """Peak bytes of the CPU or GPU tensor storages created while active (a dispatch mode).
 
     Every tensor an ATen operation returns whose storage was not seen before
@@ -69,20 +73,11 @@ class TensorPeak:
     """
 
     def __init__(self) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        owner = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
-                                   kwargs: Any = None) -> Any:
-                return owner._call(func, args, kwargs or {})
-
-        self.mode = _Mode()
+        super().__init__()
         self.live = self.peak = 0
         self._sizes: dict[int, int] = {}
 
-    def _see(self, tensor: Any, created: bool) -> None:
+    def _see(self, tensor: torch.Tensor, created: bool) -> None:
         storage = tensor.untyped_storage()
         key = id(storage)
         if key in self._sizes:
@@ -95,10 +90,9 @@ class TensorPeak:
     def _free(self, key: int) -> None:
         self.live -= self._sizes.pop(key, 0)
 
-    def _call(self, func: Any, args: Any, kwargs: Any) -> Any:
-        import torch
-        from torch.utils._pytree import tree_leaves
-
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
         for leaf in tree_leaves((args, kwargs)):
             if isinstance(leaf, torch.Tensor):
                 self._see(leaf, created=False)
@@ -129,8 +123,6 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
     every chunk's forward and backward plus the one noised optimizer step.
     """
     import contextlib
-
-    import torch
 
     sys.path.insert(0, str(ROOT))
     from client.dp_sgd import PerSampleLoss, make_private, poisson_loader
@@ -182,7 +174,7 @@ def measure(name: str, variant: str, batch: int, mode: str, device: str,
             if logical == steps + 2 and not peak:  # timing done: count the next steps' tensors
                 peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
                         else _peak_rss_mb())
-                chunks.enter_context(counter.mode)
+                chunks.enter_context(counter)
             if logical >= steps + 2 and images == 0:
                 counter.peak = start = counter.live
             if xb.shape[0] == 0:
@@ -256,8 +248,6 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--one", nargs=4, metavar=("MODEL", "VARIANT", "BATCH", "MODE"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    import torch
-
     torch.set_num_threads(args.threads)
     if args.one:
         name, variant, batch, mode = args.one

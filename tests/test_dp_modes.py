@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -246,7 +247,14 @@ def test_output_hooks_sum_a_layer_used_twice_and_free_what_they_hold() -> None:
     from client.output_hooks import OutputGradSampleHooks
 
     hooks = OutputGradSampleHooks(net, batch_first=True, loss_reduction="sum")
-    net(x).sum().backward()
+    outputs: list[weakref.ref[torch.Tensor]] = []
+    watch = layer.register_forward_hook(lambda _m, _i, out: outputs.append(weakref.ref(out)))
+    loss = net(x).sum()
+    loss.backward()
+    del loss
+    watch.remove()
+    # no reference cycle through a hook keeps a layer's output alive past its graph
+    assert len(outputs) == 2 and all(ref() is None for ref in outputs)
     got = layer.weight.grad_sample  # type: ignore[attr-defined]
     hooks.disable_hooks()
     want = []
